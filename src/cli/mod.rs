@@ -1,0 +1,168 @@
+//! The command line: global options, subcommands (one file each), output
+//! in human or `--json` form, and the mapping from errors to exit codes.
+//!
+//! Options are parsed in two stages: clap gives the raw [`Cli`]; [`run`]
+//! resolves it (config file, data dir) before dispatching. Exit codes are
+//! documented in `docs/operations.md` and listed in [`ExitStatus`].
+
+mod bundle;
+mod demo;
+mod init;
+mod key;
+mod plugin;
+mod trust;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::datadir::DataDir;
+
+/// A named thing (plugin, key) does not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+/// clinicbox: run signed, sandboxed FHIR plugins on a clinic's edge box.
+#[derive(Debug, Parser)]
+#[command(name = "clinicbox", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The appliance's data directory.
+    #[arg(
+        long,
+        global = true,
+        env = "CLINICBOX_DATA_DIR",
+        default_value = "/var/lib/clinicbox",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// Config file (TOML). If not given and the default is missing, built-in
+    /// defaults apply. [default: /etc/clinicbox/clinicbox.toml]
+    #[arg(long, global = true, env = "CLINICBOX_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create (or complete) the data dir, databases and appliance identity key.
+    Init,
+    /// Run the demo on embedded defaults: init a data dir under ./, trust the
+    /// dev vendor key, install and list the example bundle.
+    Demo(demo::Args),
+    /// Manage ed25519 signing keys (vendors).
+    #[command(subcommand)]
+    Key(key::Cmd),
+    /// Pack, sign, verify and inspect plugin bundles (vendors).
+    #[command(subcommand)]
+    Bundle(bundle::Cmd),
+    /// Manage which vendor keys may sign which plugin namespaces.
+    #[command(subcommand)]
+    Trust(trust::Cmd),
+    /// Install, list, roll back and remove plugins.
+    #[command(subcommand)]
+    Plugin(plugin::Cmd),
+}
+
+/// Process exit statuses (see docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitStatus {
+    /// Success.
+    Ok = 0,
+    /// Any other failure (I/O, database, bad input file).
+    Failure = 1,
+    /// Command-line usage error (clap).
+    Usage = 2,
+    /// A bundle was refused by verification or the version floor.
+    Refused = 3,
+    /// A named plugin or key does not exist.
+    NotFound = 4,
+    /// The config file is invalid.
+    Config = 5,
+    /// The data dir is not initialised.
+    NotInitialised = 6,
+}
+
+/// The exit status for an error, from the first typed cause in its chain.
+pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
+    for cause in err.chain() {
+        if cause.is::<crate::bundle::VerifyError>()
+            || cause.is::<crate::bundle::store::FloorError>()
+        {
+            return ExitStatus::Refused;
+        }
+        if cause.is::<NotFound>() {
+            return ExitStatus::NotFound;
+        }
+        if cause.is::<crate::config::ConfigError>() {
+            return ExitStatus::Config;
+        }
+        if cause.is::<crate::datadir::NotInitialised>() {
+            return ExitStatus::NotInitialised;
+        }
+    }
+    ExitStatus::Failure
+}
+
+/// Resolved global context handed to every subcommand.
+pub struct Ctx {
+    /// The data dir.
+    pub dir: DataDir,
+    /// Validated config.
+    pub config: Config,
+    /// Output mode.
+    pub out: Output,
+}
+
+/// Prints results as text or JSON.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Prints `value` as JSON, or `text()` for humans.
+    pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            let t = text();
+            if !t.is_empty() {
+                println!("{}", t.trim_end());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads the config (for logging before anything else runs).
+pub fn load_config(cli: &Cli) -> Result<Config> {
+    Ok(Config::load(cli.config.as_deref())?)
+}
+
+/// Runs a parsed command line with its loaded config.
+pub fn run(cli: Cli, config: Config) -> Result<()> {
+    let ctx = Ctx {
+        dir: DataDir::new(&cli.data_dir),
+        config,
+        out: Output { json: cli.json },
+    };
+    match cli.command {
+        Command::Init => init::run(&ctx),
+        Command::Demo(args) => demo::run(&ctx, args),
+        Command::Key(cmd) => key::run(&ctx, cmd),
+        Command::Bundle(cmd) => bundle::run(&ctx, cmd),
+        Command::Trust(cmd) => trust::run(&ctx, cmd),
+        Command::Plugin(cmd) => plugin::run(&ctx, cmd),
+    }
+}

@@ -1,0 +1,28 @@
+//! clinicbox: an edge appliance that runs vendor plugins, signed and
+//! sandboxed, against a clinic's local FHIR data.
+//!
+//! Module map (one concern each):
+//! - [`bundle`]: the `.cbx` format, DSSE signing, verification, trust, store;
+//! - [`admin`]: install / rollback / remove, each recorded as a decision;
+//! - [`audit`]: the append-only decision log in `audit.db`;
+//! - [`clock`]: the trusted clock (never runs backwards);
+//! - [`config`], [`limits`]: validated configuration and every bound;
+//! - [`datadir`], [`db`], [`state`]: the data dir, SQLite, schemas;
+//! - [`keys`], [`scopes`], [`fsutil`]: key files, SMART scopes, atomic I/O;
+//! - [`cli`]: the command line.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod admin;
+pub mod audit;
+pub mod bundle;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod datadir;
+pub mod db;
+pub mod fsutil;
+pub mod keys;
+pub mod limits;
+pub mod scopes;
+pub mod state;

@@ -1,0 +1,74 @@
+//! Every bound clinicbox enforces, in one place, with its unit and its reason.
+//!
+//! Invariant: no reader in clinicbox allocates or reads more than one of these
+//! bounds allows. Readers check a size *before* reading (file length from
+//! `stat`, a length prefix from the container header) and then read through a
+//! `take(bound + 1)` so a file that grows while being read is still caught.
+//!
+//! The admin may lower the bundle caps in the config file (`[limits]`), never
+//! raise them past the hard ceilings below.
+
+/// Bounds used across the appliance. `Limits::default()` is what ships.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest `.cbx` bundle file accepted, in bytes (default 64 MiB).
+    /// Checked from the file's metadata before a single byte is read, so an
+    /// endless or huge file (TUF "endless data") cannot exhaust memory.
+    pub max_bundle_bytes: u64,
+    /// Largest DSSE envelope inside a bundle, in bytes (default 256 KiB).
+    /// The envelope holds only the manifest and signatures.
+    pub max_envelope_bytes: u32,
+    /// Largest decoded manifest (DSSE payload), in bytes (default 64 KiB).
+    pub max_manifest_bytes: usize,
+    /// Largest WebAssembly module, in bytes (default 48 MiB).
+    pub max_wasm_bytes: u64,
+    /// Most signatures one envelope may carry (default 16). Bounds the
+    /// verification work an attacker can force.
+    pub max_signatures: usize,
+    /// Most exported functions a manifest may declare (default 64).
+    pub max_exports: usize,
+    /// Most scopes a manifest may request (default 64).
+    pub max_scopes: usize,
+    /// Ceiling on a plugin's requested linear memory, in MiB (default 256).
+    /// A manifest asking for more is refused at verification.
+    pub max_plugin_memory_mib: u32,
+    /// Ceiling on a plugin's requested per-call timeout, in ms (default 10 s).
+    pub max_plugin_timeout_ms: u32,
+    /// Largest key file (`.key` / `.pub`) read, in bytes (default 4 KiB).
+    pub max_key_file_bytes: u64,
+    /// Largest config file read, in bytes (default 1 MiB).
+    pub max_config_bytes: u64,
+    /// Largest vendor manifest source (`plugin.toml`) read by `bundle pack`,
+    /// in bytes (default 64 KiB).
+    pub max_manifest_source_bytes: u64,
+    /// Largest trust threshold accepted (default 16 = `max_signatures`):
+    /// a higher threshold could never be met.
+    pub max_threshold: u32,
+}
+
+impl Limits {
+    /// Hard ceiling for `max_bundle_bytes`; config cannot raise it.
+    pub const CEILING_BUNDLE_BYTES: u64 = 256 * 1024 * 1024;
+    /// Hard ceiling for `max_wasm_bytes`; config cannot raise it.
+    pub const CEILING_WASM_BYTES: u64 = 200 * 1024 * 1024;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bundle_bytes: 64 * 1024 * 1024,
+            max_envelope_bytes: 256 * 1024,
+            max_manifest_bytes: 64 * 1024,
+            max_wasm_bytes: 48 * 1024 * 1024,
+            max_signatures: 16,
+            max_exports: 64,
+            max_scopes: 64,
+            max_plugin_memory_mib: 256,
+            max_plugin_timeout_ms: 10_000,
+            max_key_file_bytes: 4 * 1024,
+            max_config_bytes: 1024 * 1024,
+            max_manifest_source_bytes: 64 * 1024,
+            max_threshold: 16,
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The `clinicbox` binary: parse the command line, set up logging to
+//! stderr, run, and map the outcome to an exit status.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clinicbox::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = cli::load_config(&cli).and_then(|config| {
+        let _ = simplelog::TermLogger::init(
+            config.log_level,
+            simplelog::Config::default(),
+            simplelog::TerminalMode::Stderr,
+            simplelog::ColorChoice::Auto,
+        );
+        cli::run(cli, config)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("clinicbox: error: {err:#}");
+            ExitCode::from(cli::exit_status(&err) as u8)
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The state database (`state.db`): what the appliance is configured to
+//! trust and run. Its schema, as ordered migrations.
+//!
+//! Invariant: a refused bundle never writes here; only accepted installs,
+//! removals, rollbacks and trust changes do, each in one transaction.
+
+/// Ordered migrations; index + 1 is the schema version.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: trust store, installed plugins, version floors.
+    "
+    CREATE TABLE trusted_keys (
+        key_id      TEXT PRIMARY KEY,          -- hex sha256 of public_key
+        public_key  BLOB NOT NULL UNIQUE,      -- 32 raw bytes
+        comment     TEXT NOT NULL,
+        added_at    TEXT NOT NULL,             -- RFC 3339
+        revoked_at  TEXT                       -- NULL while trusted; permanent
+    ) STRICT;
+    CREATE TABLE namespaces (
+        namespace   TEXT PRIMARY KEY,          -- 'vendor/' or 'vendor/name'
+        threshold   INTEGER NOT NULL CHECK (threshold >= 1)
+    ) STRICT;
+    CREATE TABLE delegations (
+        namespace   TEXT NOT NULL REFERENCES namespaces(namespace),
+        key_id      TEXT NOT NULL REFERENCES trusted_keys(key_id),
+        PRIMARY KEY (namespace, key_id)
+    ) STRICT;
+    CREATE TABLE plugin_versions (
+        digest        TEXT PRIMARY KEY,        -- sha256 of the signed manifest
+        name          TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        wasm_sha256   TEXT NOT NULL,
+        wasm_size     INTEGER NOT NULL,
+        bundle_sha256 TEXT NOT NULL,           -- sha256 of the .cbx file stored
+        signers       TEXT NOT NULL,           -- JSON array of key ids
+        manifest      TEXT NOT NULL,           -- the signed manifest JSON
+        installed_at  TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE plugins (
+        name          TEXT PRIMARY KEY,
+        current       TEXT NOT NULL REFERENCES plugin_versions(digest),
+        previous      TEXT REFERENCES plugin_versions(digest),
+        updated_at    TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE version_floors (
+        name          TEXT PRIMARY KEY,        -- survives `plugin remove`
+        version       TEXT NOT NULL,           -- highest version ever accepted
+        digest        TEXT NOT NULL            -- its manifest digest
+    ) STRICT;
+    ",
+];

@@ -1,0 +1,258 @@
+//! Shared test harness: a throwaway appliance (data dir + the real
+//! `clinicbox` binary), vendor keys, and bundles built in the test with the
+//! library's own pack/sign, around the real example plugin's wasm.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use clinicbox::bundle::envelope::Envelope;
+use clinicbox::bundle::manifest::{ManifestSource, RequestedLimits};
+use clinicbox::bundle::{self, container};
+use clinicbox::keys;
+use clinicbox::limits::Limits;
+use ed25519_dalek::SigningKey;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The committed example bundle.
+pub fn example_bundle() -> PathBuf {
+    repo().join("update-bundles/acme-news2.cbx")
+}
+
+/// The real NEWS2 wasm, taken from the committed example bundle.
+pub fn example_wasm() -> Vec<u8> {
+    let bytes = std::fs::read(example_bundle()).expect("example bundle");
+    container::parse(&bytes, &Limits::default())
+        .expect("example bundle frames")
+        .wasm
+        .to_vec()
+}
+
+pub const CREATED: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+pub const EXPIRES: OffsetDateTime = datetime!(2036-01-01 00:00 UTC);
+
+/// A vendor manifest source for `name` at `version`.
+pub fn source(name: &str, version: &str) -> ManifestSource {
+    ManifestSource {
+        name: name.into(),
+        version: version.into(),
+        abi: 1,
+        exports: vec!["news2".into()],
+        scopes: vec!["patient/Observation.rs".into()],
+        limits: RequestedLimits {
+            memory_mib: 16,
+            timeout_ms: 50,
+        },
+        description: None,
+    }
+}
+
+/// A bundle for `name`/`version`, signed by each of `signers` in order.
+pub fn signed_bundle(name: &str, version: &str, signers: &[&SigningKey]) -> Vec<u8> {
+    signed_bundle_times(name, version, signers, CREATED, EXPIRES)
+}
+
+pub fn signed_bundle_times(
+    name: &str,
+    version: &str,
+    signers: &[&SigningKey],
+    created: OffsetDateTime,
+    expires: OffsetDateTime,
+) -> Vec<u8> {
+    let l = Limits::default();
+    let (_, mut bytes) =
+        bundle::pack(source(name, version), &example_wasm(), created, expires, &l).expect("pack");
+    for k in signers {
+        bytes = bundle::sign(&bytes, k, &l).expect("sign");
+    }
+    bytes
+}
+
+/// A bundle whose manifest payload is `payload` verbatim, under
+/// `payload_type`, signed by `key` (for malformed-manifest cases that pack
+/// would refuse to build).
+pub fn bundle_with_raw_payload(payload: &[u8], payload_type: &str, key: &SigningKey) -> Vec<u8> {
+    let mut env = Envelope::unsigned(payload);
+    env.payload_type = payload_type.to_owned();
+    env.sign(key).expect("sign");
+    container::build(&env.to_bytes(), &example_wasm())
+}
+
+/// The signed-manifest JSON a valid bundle for `name` would carry.
+pub fn manifest_json(name: &str, version: &str) -> serde_json::Value {
+    let wasm = example_wasm();
+    serde_json::json!({
+        "name": name, "version": version, "abi": 1,
+        "wasm": {"sha256": hex::encode(Sha256::digest(&wasm)), "size": wasm.len()},
+        "exports": ["news2"], "scopes": ["patient/Observation.rs"],
+        "limits": {"memory_mib": 16, "timeout_ms": 50},
+        "created": "2026-01-01T00:00:00Z", "expires": "2036-01-01T00:00:00Z"
+    })
+}
+
+/// A vendor key pair with its `.pub` written into `dir`.
+pub struct Vendor {
+    pub key: SigningKey,
+    pub pub_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+impl Vendor {
+    pub fn new(dir: &Path, label: &str) -> Vendor {
+        let key = keys::generate().expect("keygen");
+        let pub_path = dir.join(format!("{label}.pub"));
+        let key_path = dir.join(format!("{label}.key"));
+        keys::write_pair(&key, &key_path, &pub_path, label, &[]).expect("write keys");
+        Vendor {
+            key,
+            pub_path,
+            key_path,
+        }
+    }
+
+    pub fn id(&self) -> String {
+        keys::KeyId::of(&self.key.verifying_key()).to_string()
+    }
+}
+
+/// A throwaway appliance driven through the real binary.
+pub struct TestBox {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub config: PathBuf,
+}
+
+impl TestBox {
+    /// A new, initialised appliance with an empty config file.
+    pub fn new() -> TestBox {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let config = tmp.path().join("clinicbox.toml");
+        std::fs::write(&config, "").expect("config");
+        let b = TestBox { tmp, data, config };
+        b.ok(&["init"]);
+        b
+    }
+
+    /// A scratch path inside the box's temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Writes `bytes` to a scratch file and returns its path.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_clinicbox"));
+        c.env_remove("CLINICBOX_FAILPOINT")
+            .env_remove("CLINICBOX_FAKE_NOW")
+            .env_remove("RUST_BACKTRACE")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--config")
+            .arg(&self.config);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = self.cmd();
+        c.args(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("run clinicbox")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "clinicbox {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs with `--json` and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("json output")
+    }
+
+    pub fn trust(&self, v: &Vendor, namespace: &str) {
+        self.ok(&[
+            "trust",
+            "add",
+            "--namespace",
+            namespace,
+            v.pub_path.to_str().unwrap(),
+        ]);
+    }
+
+    /// Installed plugins as (name, version) pairs.
+    pub fn installed(&self) -> Vec<(String, String)> {
+        self.json(&["plugin", "list"])
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_owned(),
+                    p["version"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Bytes of every file in the data dir except the audit log: the state
+    /// database and the installed bundles.
+    pub fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        snapshot_into(&self.data, &self.data, &mut out);
+        out.retain(|k, _| !k.starts_with("audit.db"));
+        out
+    }
+
+    /// Number of recorded bundle decisions.
+    pub fn decisions(&self) -> Vec<serde_json::Value> {
+        self.json(&["plugin", "history", "--limit", "100000"])
+            .as_array()
+            .expect("array")
+            .clone()
+    }
+}
+
+fn snapshot_into(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let e = e.expect("entry");
+        let p = e.path();
+        if p.is_dir() {
+            snapshot_into(root, &p, out);
+        } else {
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            out.insert(rel, std::fs::read(&p).expect("read"));
+        }
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
