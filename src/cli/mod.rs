@@ -131,17 +131,25 @@ pub struct Output {
 }
 
 impl Output {
-    /// Prints `value` as JSON, or `text()` for humans.
+    /// Prints `value` as JSON, or `text()` for humans. A closed stdout
+    /// (`clinicbox … | head`) ends the process quietly with status 0: every
+    /// state change was committed before anything is printed.
     pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(value)?);
+        use std::io::Write;
+        let body = if self.json {
+            serde_json::to_string_pretty(value)?
         } else {
-            let t = text();
-            if !t.is_empty() {
-                println!("{}", t.trim_end());
-            }
+            text().trim_end().to_owned()
+        };
+        if body.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut stdout = std::io::stdout().lock();
+        match writeln!(stdout, "{body}").and_then(|()| stdout.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+        }
     }
 }
 
