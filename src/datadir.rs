@@ -5,6 +5,7 @@
 //! <data-dir>/            mode 0700
 //!   state.db             trust store, installed plugins, version floors
 //!   audit.db             append-only decision log and the trusted clock
+//!   fhir.db              the FHIR R4 cache (resources and search indexes)
 //!   identity.key         the appliance's ed25519 key, mode 0600
 //!   identity.pub
 //!   plugins/             content-addressed bundles: <manifest-sha256>.cbx
@@ -71,6 +72,10 @@ impl DataDir {
     pub fn identity_pub(&self) -> PathBuf {
         self.root.join("identity.pub")
     }
+    /// The FHIR cache database.
+    pub fn fhir_db(&self) -> PathBuf {
+        self.root.join("fhir.db")
+    }
     /// The content-addressed bundle store.
     pub fn plugins_dir(&self) -> PathBuf {
         self.root.join("plugins")
@@ -85,6 +90,7 @@ impl DataDir {
         for (path, migrations) in [
             (self.state_db(), state::MIGRATIONS),
             (self.audit_db(), audit::MIGRATIONS),
+            (self.fhir_db(), crate::fhir::schema::MIGRATIONS),
         ] {
             db::open(&path, migrations, true)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))

@@ -21,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod datadir;
 pub mod db;
+pub mod fhir;
 pub mod fsutil;
 pub mod keys;
 pub mod limits;

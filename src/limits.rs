@@ -41,6 +41,25 @@ pub struct Limits {
     /// Largest vendor manifest source (`plugin.toml`) read by `bundle pack`,
     /// in bytes (default 64 KiB).
     pub max_manifest_source_bytes: u64,
+    /// Longest NDJSON line accepted by `fhir import`, in bytes (default
+    /// 16 MiB). A longer line is reported and skipped without being held in
+    /// memory, so a many-GB file imports in flat memory.
+    pub max_ndjson_line_bytes: usize,
+    /// Largest Bundle or export manifest JSON file, in bytes (default
+    /// 512 MiB). Bundles are parsed whole, unlike NDJSON.
+    pub max_bundle_json_bytes: u64,
+    /// Resources per import transaction (default 5,000): large enough to
+    /// amortise commits, small enough to bound the WAL and lost work.
+    pub import_batch: usize,
+    /// File:line errors kept per imported file (default 1,000); the rest
+    /// are counted.
+    pub import_max_reported_errors: usize,
+    /// Default `_count` of a search (default 50).
+    pub search_default_count: usize,
+    /// Largest `_count` of a search (default 500); larger values are capped.
+    pub search_max_count: usize,
+    /// Longest search query string, in bytes (default 8 KiB).
+    pub search_max_query_bytes: usize,
     /// Largest trust threshold accepted (default 16 = `max_signatures`):
     /// a higher threshold could never be met.
     pub max_threshold: u32,
@@ -69,6 +88,13 @@ impl Default for Limits {
             max_config_bytes: 1024 * 1024,
             max_manifest_source_bytes: 64 * 1024,
             max_threshold: 16,
+            max_ndjson_line_bytes: 16 * 1024 * 1024,
+            max_bundle_json_bytes: 512 * 1024 * 1024,
+            import_batch: 5_000,
+            import_max_reported_errors: 1_000,
+            search_default_count: 50,
+            search_max_count: 500,
+            search_max_query_bytes: 8 * 1024,
         }
     }
 }

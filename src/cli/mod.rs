@@ -7,6 +7,7 @@
 
 mod bundle;
 mod demo;
+mod fhir;
 mod init;
 mod key;
 mod plugin;
@@ -71,6 +72,9 @@ pub enum Command {
     /// Install, list, roll back and remove plugins.
     #[command(subcommand)]
     Plugin(plugin::Cmd),
+    /// The local FHIR cache: import, read, search, stats.
+    #[command(subcommand)]
+    Fhir(fhir::Cmd),
 }
 
 /// Process exit statuses (see docs/operations.md).
@@ -101,7 +105,12 @@ pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
         {
             return ExitStatus::Refused;
         }
-        if cause.is::<NotFound>() {
+        if cause.is::<NotFound>()
+            || matches!(
+                cause.downcast_ref(),
+                Some(crate::fhir::search::SearchError::NotFound(_))
+            )
+        {
             return ExitStatus::NotFound;
         }
         if cause.is::<crate::config::ConfigError>() {
@@ -172,5 +181,6 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Bundle(cmd) => bundle::run(&ctx, cmd),
         Command::Trust(cmd) => trust::run(&ctx, cmd),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
+        Command::Fhir(cmd) => fhir::run(&ctx, cmd),
     }
 }

@@ -150,6 +150,9 @@ impl TestBox {
     /// Writes `bytes` to a scratch file and returns its path.
     pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.path(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
         std::fs::write(&p, bytes).expect("write");
         p
     }

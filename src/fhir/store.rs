@@ -1,0 +1,310 @@
+//! Writing and reading resources in `fhir.db`: upsert with the
+//! newest-wins rule, tombstones, and index maintenance.
+//!
+//! Upsert rule, per (tenant, type, id): identical content (same hash,
+//! ignoring `meta.versionId` and `meta.lastUpdated`) is a no-op; an incoming
+//! `meta.lastUpdated` older than the stored one is skipped as stale;
+//! otherwise the resource is stored as a new version. Invariants: the stored
+//! JSON always carries the stored `meta.versionId` and `meta.lastUpdated`;
+//! index rows are deleted and re-extracted in the same transaction; a
+//! tombstone keeps the row (with `deleted = 1`) but no JSON and no index rows.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::params::{self as p, TypeDef};
+use super::{ResourceError, StoreError, date, is_valid_id};
+
+/// Sort key stored when a resource has no sort date.
+pub const NO_SORT: i64 = i64::MIN;
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    /// New resource.
+    Created,
+    /// New version of an existing (or deleted) resource.
+    Updated,
+    /// Same content as stored: nothing written.
+    Unchanged,
+    /// Older than the stored version: nothing written.
+    Stale,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// A live resource became a tombstone.
+    Deleted,
+    /// Already deleted, or never stored.
+    Absent,
+    /// The stored version is newer than the deletion.
+    Stale,
+}
+
+/// Validates the shape of a resource and returns (type, id).
+pub fn identify(res: &Value) -> Result<(&str, &str), ResourceError> {
+    let obj = res
+        .as_object()
+        .ok_or(ResourceError::new("not a JSON object"))?;
+    let ty = obj
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .ok_or(ResourceError::new("missing resourceType"))?;
+    if !crate::scopes::is_type_name(ty) {
+        return Err(ResourceError(format!(
+            "resourceType {ty:?} is not a FHIR type name"
+        )));
+    }
+    let id = obj
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ResourceError(format!("{ty} has no id")))?;
+    if !is_valid_id(id) {
+        return Err(ResourceError(format!(
+            "{ty} id {id:?} is not a valid FHIR id"
+        )));
+    }
+    Ok((ty, id))
+}
+
+/// The content hash: SHA-256 of the compact JSON with `meta.versionId` and
+/// `meta.lastUpdated` removed (object keys serialise sorted).
+pub fn content_hash(res: &Value) -> [u8; 32] {
+    let mut v = res.clone();
+    if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+        if meta.is_empty() {
+            v.as_object_mut().map(|o| o.remove("meta"));
+        }
+    }
+    Sha256::digest(v.to_string().as_bytes()).into()
+}
+
+/// `meta.lastUpdated` in Unix ms, if present and valid.
+pub fn last_updated_ms(res: &Value) -> Result<Option<i64>, ResourceError> {
+    match res.pointer("/meta/lastUpdated") {
+        None => Ok(None),
+        Some(Value::String(s)) => date::parse(s)
+            .map(|r| Some(r.low))
+            .map_err(|e| ResourceError(format!("meta.lastUpdated: {e}"))),
+        Some(_) => Err(ResourceError::new("meta.lastUpdated is not a string")),
+    }
+}
+
+/// Stores `res` for tenant `tid`. `fallback_ms` is used when the resource
+/// has no `meta.lastUpdated` (the export's transactionTime, or now).
+pub fn upsert(
+    conn: &Connection,
+    tid: i64,
+    mut res: Value,
+    fallback_ms: i64,
+) -> Result<Upserted, StoreError> {
+    let (ty, id) = identify(&res)?;
+    let (ty, id) = (ty.to_owned(), id.to_owned());
+    let incoming_ms = last_updated_ms(&res)?.unwrap_or(fallback_ms);
+    let hash = content_hash(&res);
+    let existing: Option<(i64, i64, i64, Vec<u8>, bool)> = conn
+        .prepare_cached(
+            "SELECT rid, version_id, last_updated, hash, deleted FROM resources WHERE tid = ?1 AND type = ?2 AND id = ?3",
+        )?
+        .query_row(params![tid, ty, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .optional()?;
+    if let Some((_, _, stored_ms, stored_hash, deleted)) = &existing {
+        if !deleted && stored_hash.as_slice() == hash.as_slice() {
+            return Ok(Upserted::Unchanged);
+        }
+        if incoming_ms < *stored_ms {
+            return Ok(Upserted::Stale);
+        }
+    }
+    let version = existing.as_ref().map_or(1, |e| e.1 + 1);
+    set_meta(&mut res, version, incoming_ms);
+    let json = res.to_string();
+    let rid = match &existing {
+        Some((rid, ..)) => {
+            conn.prepare_cached(
+                "UPDATE resources SET version_id = ?2, last_updated = ?3, hash = ?4, deleted = 0, json = ?5 WHERE rid = ?1",
+            )?
+            .execute(params![rid, version, incoming_ms, hash.as_slice(), json])?;
+            clear_index(conn, *rid)?;
+            *rid
+        }
+        None => {
+            conn.prepare_cached(
+                "INSERT INTO resources (tid, type, id, version_id, last_updated, hash, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![tid, ty, id, version, incoming_ms, hash.as_slice(), json])?;
+            conn.last_insert_rowid()
+        }
+    };
+    if let Some(def) = p::type_def(&ty) {
+        write_index(conn, tid, rid, def, &id, &res)?;
+    }
+    Ok(if existing.is_some() {
+        Upserted::Updated
+    } else {
+        Upserted::Created
+    })
+}
+
+/// Turns `type/id` into a tombstone as of `at_ms`.
+pub fn delete(
+    conn: &Connection,
+    tid: i64,
+    ty: &str,
+    id: &str,
+    at_ms: i64,
+) -> Result<Deleted, StoreError> {
+    let existing: Option<(i64, i64, i64, bool)> = conn
+        .prepare_cached("SELECT rid, version_id, last_updated, deleted FROM resources WHERE tid = ?1 AND type = ?2 AND id = ?3")?
+        .query_row(params![tid, ty, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    match existing {
+        None | Some((_, _, _, true)) => Ok(Deleted::Absent),
+        Some((_, _, stored_ms, false)) if at_ms < stored_ms => Ok(Deleted::Stale),
+        Some((rid, version, _, false)) => {
+            conn.prepare_cached(
+                "UPDATE resources SET version_id = ?2, last_updated = ?3, deleted = 1, json = NULL, hash = x'' WHERE rid = ?1",
+            )?
+            .execute(params![rid, version + 1, at_ms])?;
+            clear_index(conn, rid)?;
+            Ok(Deleted::Deleted)
+        }
+    }
+}
+
+fn set_meta(res: &mut Value, version: i64, ms: i64) {
+    if let Some(obj) = res.as_object_mut() {
+        let meta = obj
+            .entry("meta")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(m) = meta.as_object_mut() {
+            m.insert("versionId".into(), Value::String(version.to_string()));
+            m.insert("lastUpdated".into(), Value::String(date::format_millis(ms)));
+        }
+    }
+}
+
+fn clear_index(conn: &Connection, rid: i64) -> rusqlite::Result<()> {
+    for sql in [
+        "DELETE FROM compartment WHERE rid = ?1",
+        "DELETE FROM idx_token WHERE rid = ?1",
+        "DELETE FROM idx_date WHERE rid = ?1",
+        "DELETE FROM idx_ref WHERE rid = ?1",
+    ] {
+        conn.prepare_cached(sql)?.execute([rid])?;
+    }
+    Ok(())
+}
+
+fn write_index(
+    conn: &Connection,
+    tid: i64,
+    rid: i64,
+    def: &TypeDef,
+    id: &str,
+    res: &Value,
+) -> rusqlite::Result<()> {
+    let e = p::extract(def, id, res);
+    let sort = e.sort_ms.unwrap_or(NO_SORT);
+    let none = [String::new()];
+    let patients: &[String] = if e.patients.is_empty() {
+        &none
+    } else {
+        &e.patients
+    };
+    let mut comp =
+        conn.prepare_cached("INSERT OR IGNORE INTO compartment VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    let mut tok = conn.prepare_cached(
+        "INSERT OR IGNORE INTO idx_token VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut dat = conn
+        .prepare_cached("INSERT OR IGNORE INTO idx_date VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
+    for patient in patients {
+        comp.execute(params![tid, patient, def.code, sort, rid])?;
+        for (param, system, code) in &e.tokens {
+            tok.execute(params![
+                tid,
+                patient,
+                def.code,
+                param,
+                code,
+                sort,
+                rid,
+                system.as_deref().unwrap_or("")
+            ])?;
+        }
+        for (param, r) in &e.dates {
+            dat.execute(params![
+                tid, patient, def.code, param, r.high, r.low, rid, sort
+            ])?;
+        }
+    }
+    if let Some(target) = &e.medication_ref {
+        conn.prepare_cached("INSERT OR IGNORE INTO idx_ref VALUES (?1, 'medication', ?2)")?
+            .execute(params![rid, target])?;
+    }
+    Ok(())
+}
+
+/// A stored, live resource.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Internal row id.
+    pub rid: i64,
+    /// The JSON text.
+    pub json: String,
+}
+
+/// Reads the live resource `type/id` of tenant `tid`.
+pub fn read(conn: &Connection, tid: i64, ty: &str, id: &str) -> rusqlite::Result<Option<Stored>> {
+    conn.prepare_cached(
+        "SELECT rid, json FROM resources WHERE tid = ?1 AND type = ?2 AND id = ?3 AND deleted = 0",
+    )?
+    .query_row(params![tid, ty, id], |r| {
+        Ok(Stored {
+            rid: r.get(0)?,
+            json: r.get(1)?,
+        })
+    })
+    .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn hash_ignores_version_and_last_updated_and_key_order() {
+        let a = json!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "3", "lastUpdated": "2025-01-01T00:00:00Z"}, "gender": "female"});
+        let b: Value =
+            serde_json::from_str(r#"{"gender":"female","id":"p","resourceType":"Patient"}"#)
+                .unwrap();
+        assert_eq!(content_hash(&a), content_hash(&b));
+        let c = json!({"resourceType": "Patient", "id": "p", "gender": "male"});
+        assert_ne!(content_hash(&a), content_hash(&c));
+    }
+
+    #[test]
+    fn identify_names_what_is_missing() {
+        assert_eq!(identify(&json!([])).unwrap_err().0, "not a JSON object");
+        assert_eq!(
+            identify(&json!({"id": "x"})).unwrap_err().0,
+            "missing resourceType"
+        );
+        assert_eq!(
+            identify(&json!({"resourceType": "Patient"})).unwrap_err().0,
+            "Patient has no id"
+        );
+        assert!(
+            identify(&json!({"resourceType": "Patient", "id": "a b"}))
+                .unwrap_err()
+                .0
+                .contains("not a valid FHIR id")
+        );
+    }
+}
