@@ -670,32 +670,30 @@ pub fn search(
     else {
         return Ok(empty_bundle(q));
     };
-    let base = build_where(q, tid, patient, &scope);
-    let total: u64 = conn
-        .prepare_cached(&format!("SELECT count(*) FROM ({})", base.text))?
-        .query_row(params_from_iter(base.args.iter()), |r| r.get(0))?;
-    let mut page = base;
+    // One pass yields both `total` and the page: the ordered match stream
+    // is counted to its end, and only the page's rids are kept.
+    let mut sql = build_where(q, tid, patient, &scope);
     match q.sort {
-        Some((SortKey::Date, desc)) => page.push(if desc {
-            " ORDER BY d.sort_ms DESC, d.rid DESC"
-        } else {
-            " ORDER BY d.sort_ms ASC, d.rid ASC"
-        }),
-        Some((SortKey::LastUpdated, desc)) => page.push(if desc {
+        Some((SortKey::Date, true)) => sql.push(" ORDER BY d.sort_ms DESC, d.rid DESC"),
+        Some((SortKey::Date, false)) => sql.push(" ORDER BY d.sort_ms ASC, d.rid ASC"),
+        Some((SortKey::LastUpdated, desc)) => sql.push(if desc {
             " ORDER BY (SELECT last_updated FROM resources WHERE rid = d.rid) DESC, d.rid DESC"
         } else {
             " ORDER BY (SELECT last_updated FROM resources WHERE rid = d.rid) ASC, d.rid ASC"
         }),
-        None => page.push(" ORDER BY d.rid"),
+        None => sql.push(" ORDER BY d.rid"),
     }
-    page.push(" LIMIT ");
-    page.arg(q.count as i64);
-    page.push(" OFFSET ");
-    page.arg(q.offset as i64);
-    let rids: Vec<i64> = conn
-        .prepare_cached(&page.text)?
-        .query_map(params_from_iter(page.args.iter()), |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    let mut total = 0u64;
+    let mut rids: Vec<i64> = Vec::with_capacity(q.count.min(64));
+    let mut stmt = conn.prepare_cached(&sql.text)?;
+    let mut rows = stmt.query(params_from_iter(sql.args.iter()))?;
+    while let Some(row) = rows.next()? {
+        if total >= q.offset as u64 && rids.len() < q.count {
+            rids.push(row.get(0)?);
+        }
+        total += 1;
+    }
+    drop(rows);
     let mut entries = Vec::with_capacity(rids.len());
     let mut stmt = conn.prepare_cached("SELECT type, id, json FROM resources WHERE rid = ?1")?;
     for rid in &rids {
