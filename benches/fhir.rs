@@ -200,4 +200,65 @@ fn main() {
         "read by id: {raw:.0}/s raw; {scoped:.0}/s through a patient + scope context ({} reads)",
         ids.len()
     );
+
+    index_order(&conn, tid, patients, rounds);
+}
+
+/// The token index's column order, measured: the vitals query (count all,
+/// keep the newest 50) through the shipped key and two alternatives built
+/// on the same data.
+fn index_order(conn: &rusqlite::Connection, tid: i64, patients: usize, rounds: usize) {
+    conn.execute_batch(
+        "CREATE INDEX alt_system_first ON idx_token(tid, patient, type, param, code, system, sort_ms);
+         CREATE INDEX alt_no_sort_key ON idx_token(tid, patient, type, param, code, rid);",
+    )
+    .unwrap();
+    let variants = [
+        ("shipped (.., code, sort_ms, rid, system)", "NOT INDEXED"),
+        (
+            "alt (.., code, system, sort_ms)",
+            "INDEXED BY alt_system_first",
+        ),
+        (
+            "alt (.., code, rid): no sort key",
+            "INDEXED BY alt_no_sort_key",
+        ),
+    ];
+    for (label, hint) in variants {
+        let sql = format!(
+            "SELECT DISTINCT d.rid, d.sort_ms FROM idx_token d {hint} WHERE d.tid = ?1 AND d.patient = ?2 AND d.type = 2 \
+             AND d.param = 2 AND d.code = 'vital-signs' ORDER BY d.sort_ms DESC, d.rid DESC"
+        );
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(rusqlite::params![tid, "p0000"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            for p in 0..patients {
+                let pid = format!("p{p:04}");
+                let t = Instant::now();
+                let mut stmt = conn.prepare_cached(&sql).unwrap();
+                let mut rows = stmt.query(rusqlite::params![tid, pid]).unwrap();
+                let (mut n, mut page) = (0, Vec::new());
+                while let Some(r) = rows.next().unwrap() {
+                    if page.len() < 50 {
+                        page.push(r.get::<_, i64>(0).unwrap());
+                    }
+                    n += 1;
+                }
+                assert!(n > 0 && page.len() == 50);
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        println!(
+            "index order {label:<36} p50 {:>6.1} µs  p99 {:>6.1} µs  plan: {}",
+            pct(&mut times.clone(), 0.5),
+            pct(&mut times, 0.99),
+            plan.join(" / ")
+        );
+    }
 }

@@ -115,8 +115,8 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             };
             let started = std::time::Instant::now();
             let reports = import::import_files(&mut conn, &files, &opts, limits)?;
-            if tty {
-                eprint!("\r\x1b[K");
+            if let Some(bar) = PROGRESS.get() {
+                bar.finish_and_clear();
             }
             let secs = started.elapsed().as_secs_f64();
             let errors: usize = reports.iter().map(|r| r.skipped as usize).sum();
@@ -221,8 +221,14 @@ fn context<'a>(args: &'a ScopeArgs, scopes: &'a [Scope]) -> SearchContext<'a> {
     }
 }
 
-fn progress(n: u64) {
-    eprint!("\r\x1b[Kimporting… {n} lines");
+/// The terminal's progress display during `fhir import` (none when stderr
+/// is not a terminal: then only the summary is printed).
+static PROGRESS: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
+
+fn progress(more_lines: u64) {
+    if let Some(bar) = PROGRESS.get() {
+        bar.inc(more_lines);
+    }
 }
 
 fn summary(reports: &[import::FileReport], secs: f64) -> String {

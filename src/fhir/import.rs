@@ -79,7 +79,8 @@ pub struct Options {
     /// Fallback `meta.lastUpdated` when neither the resource nor an export
     /// manifest gives one (the import time), Unix ms.
     pub now_ms: i64,
-    /// Progress callback: resources processed so far in this file.
+    /// Progress callback, called with the number of lines processed since
+    /// its last call (every 1,000 lines).
     pub progress: Option<fn(u64)>,
 }
 
@@ -414,7 +415,7 @@ fn import_ndjson_kind(
         if let Some(p) = opts.progress
             && line_no.is_multiple_of(1000)
         {
-            p(line_no);
+            p(1000);
         }
     }
     let rollback = opts.strict && failed;
