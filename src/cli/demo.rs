@@ -58,13 +58,11 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
     fsutil::write_atomic(&example, EXAMPLE_BUNDLE, 0o644, "demo")
         .with_context(|| format!("cannot write {}", example.display()))?;
     let r = admin::install_file(&dir, &example, &ctx.config.limits)?;
-    eprintln!(
-        "3/4 install {}: {} {} ({:?})",
-        example.display(),
-        r.plugin,
-        r.version,
-        r.outcome
-    );
+    let what = match r.outcome {
+        store::InstallOutcome::Installed => "verified and installed",
+        store::InstallOutcome::AlreadyInstalled => "already installed, nothing changed",
+    };
+    eprintln!("3/4 {} {}: {what}", r.plugin, r.version);
 
     let plugins = store::list(&dir, &dir.open_state()?)?;
     eprintln!("4/4 installed plugins:");
