@@ -583,20 +583,25 @@ fn build_where(q: &Query, tid: i64, patient: Option<&str>, scope: &Option<ScopeF
         }
     }
     if let (false, Some(ors)) = (lone_scope, scope) {
-        sql.push(" AND (");
-        for (i, ands) in ors.iter().enumerate() {
-            if i > 0 {
-                sql.push(" OR ");
-            }
-            sql.push("(1");
-            for (param, t) in ands {
-                exists_token(&mut sql, *param, std::slice::from_ref(t));
-            }
-            sql.push(")");
+        scope_cond(&mut sql, ors);
+    }
+    sql
+}
+
+/// Appends ` AND (…)`: the OR of each scope's AND-ed token conditions on `d`.
+fn scope_cond(sql: &mut Sql2, ors: &ScopeFilter) {
+    sql.push(" AND (");
+    for (i, ands) in ors.iter().enumerate() {
+        if i > 0 {
+            sql.push(" OR ");
+        }
+        sql.push("(1");
+        for (param, t) in ands {
+            exists_token(sql, *param, std::slice::from_ref(t));
         }
         sql.push(")");
     }
-    sql
+    sql.push(")");
 }
 
 fn exists_token(sql: &mut Sql2, param: i64, alts: &[TokenQ]) {
@@ -838,18 +843,8 @@ fn read_authorised(
         let mut sql = Sql2::default();
         sql.push("SELECT EXISTS (SELECT 1 FROM compartment d WHERE d.rid = ");
         sql.arg(stored.rid);
-        sql.push(" AND (");
-        for (i, ands) in ors.iter().enumerate() {
-            if i > 0 {
-                sql.push(" OR ");
-            }
-            sql.push("(1");
-            for (param, t) in ands {
-                exists_token(&mut sql, *param, std::slice::from_ref(t));
-            }
-            sql.push(")");
-        }
-        sql.push("))");
+        scope_cond(&mut sql, &ors);
+        sql.push(")");
         let ok: bool = conn
             .prepare_cached(&sql.text)?
             .query_row(params_from_iter(sql.args.iter()), |r| r.get(0))?;
