@@ -40,6 +40,46 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER bundle_decisions_no_delete BEFORE DELETE ON bundle_decisions
         BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
     ",
+    // 2: plugin calls and host-function accesses.
+    "
+    CREATE TABLE plugin_calls (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        call_id      TEXT NOT NULL UNIQUE,      -- uuid, also on its host accesses
+        time         TEXT NOT NULL,
+        plugin       TEXT NOT NULL,
+        version      TEXT NOT NULL,
+        digest       TEXT NOT NULL,             -- manifest sha256
+        function     TEXT NOT NULL,
+        tenant       TEXT NOT NULL,
+        patient      TEXT NOT NULL,
+        requester    TEXT NOT NULL,             -- the app or user asking
+        purpose      TEXT NOT NULL,             -- purpose of use
+        outcome      TEXT NOT NULL,             -- ok | error | refused | quarantined
+        detail       TEXT NOT NULL,
+        duration_us  INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE host_accesses (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        call_id      TEXT NOT NULL,
+        time         TEXT NOT NULL,
+        plugin       TEXT NOT NULL,
+        host_fn      TEXT NOT NULL,             -- fhir_search | fhir_read | audit_note
+        tenant       TEXT NOT NULL,
+        patient      TEXT NOT NULL,
+        query        TEXT NOT NULL,             -- the search, reference or note
+        outcome      TEXT NOT NULL,             -- ok | denied | error
+        detail       TEXT NOT NULL,             -- e.g. total returned, or the reason
+        duration_us  INTEGER NOT NULL
+    ) STRICT;
+    CREATE TRIGGER plugin_calls_append_only BEFORE UPDATE ON plugin_calls
+        BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    CREATE TRIGGER plugin_calls_no_delete BEFORE DELETE ON plugin_calls
+        BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    CREATE TRIGGER host_accesses_append_only BEFORE UPDATE ON host_accesses
+        BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    CREATE TRIGGER host_accesses_no_delete BEFORE DELETE ON host_accesses
+        BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    ",
 ];
 
 /// One bundle decision.

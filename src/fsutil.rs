@@ -141,6 +141,14 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// Like [`failpoint`], but panics instead of aborting: for tests of panic
+/// containment (e.g. `host.fhir_read`).
+pub fn panicpoint(name: &str) {
+    if std::env::var_os(FAILPOINT_ENV).is_some_and(|v| v == name) {
+        panic!("clinicbox: panic-point {name} reached");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

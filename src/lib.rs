@@ -25,5 +25,6 @@ pub mod fhir;
 pub mod fsutil;
 pub mod keys;
 pub mod limits;
+pub mod runtime;
 pub mod scopes;
 pub mod state;

@@ -60,6 +60,26 @@ pub struct Limits {
     pub search_max_count: usize,
     /// Longest search query string, in bytes (default 8 KiB).
     pub search_max_query_bytes: usize,
+    /// Fuel (wasm instructions, roughly) a plugin may burn per millisecond
+    /// of its `timeout_ms` (default 1,000,000). The time limit is enforced
+    /// as this per-call fuel budget, which belongs to the one instance, so a
+    /// runaway plugin can never interrupt another (an epoch-based timeout
+    /// would stop every instance sharing the engine).
+    pub fuel_per_ms: u64,
+    /// Largest output a plugin call may return, in bytes (default 1 MiB).
+    pub max_output_bytes: usize,
+    /// Largest argument of a host function call, in bytes (default 64 KiB).
+    pub max_host_arg_bytes: u64,
+    /// Host function calls allowed within one plugin call (default 256).
+    pub max_host_calls_per_call: u32,
+    /// Live instances per plugin (default 8): calls beyond wait.
+    pub max_instances_per_plugin: usize,
+    /// Idle instances kept per plugin for reuse (default 8).
+    pub max_idle_per_plugin: usize,
+    /// How long a call waits for a free instance, in ms (default 2,000).
+    pub pool_wait_ms: u64,
+    /// Consecutive failed calls that quarantine a plugin (default 5).
+    pub quarantine_after: u32,
     /// Largest trust threshold accepted (default 16 = `max_signatures`):
     /// a higher threshold could never be met.
     pub max_threshold: u32,
@@ -88,6 +108,14 @@ impl Default for Limits {
             max_config_bytes: 1024 * 1024,
             max_manifest_source_bytes: 64 * 1024,
             max_threshold: 16,
+            fuel_per_ms: 1_000_000,
+            max_output_bytes: 1024 * 1024,
+            max_host_arg_bytes: 64 * 1024,
+            max_host_calls_per_call: 256,
+            max_instances_per_plugin: 8,
+            max_idle_per_plugin: 8,
+            pool_wait_ms: 2_000,
+            quarantine_after: 5,
             max_ndjson_line_bytes: 16 * 1024 * 1024,
             max_bundle_json_bytes: 512 * 1024 * 1024,
             import_batch: 5_000,

@@ -9,9 +9,14 @@ use clinicbox::cli::{self, Cli};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = cli::load_config(&cli).and_then(|config| {
+        // Extism reports plugin errors through its own log lines; clinicbox
+        // reports them once, in its own error and in the audit record.
+        let log_config = simplelog::ConfigBuilder::new()
+            .add_filter_ignore_str("extism")
+            .build();
         let _ = simplelog::TermLogger::init(
             config.log_level,
-            simplelog::Config::default(),
+            log_config,
             simplelog::TerminalMode::Stderr,
             simplelog::ColorChoice::Auto,
         );

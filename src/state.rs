@@ -47,4 +47,20 @@ pub const MIGRATIONS: &[&str] = &[
         digest        TEXT NOT NULL            -- its manifest digest
     ) STRICT;
     ",
+    // 2: per-tenant scope grants, and quarantine after repeated failures.
+    "
+    CREATE TABLE plugin_grants (
+        tenant      TEXT NOT NULL,
+        plugin      TEXT NOT NULL,
+        scope       TEXT NOT NULL,             -- canonical SMART v2 scope
+        granted_at  TEXT NOT NULL,
+        PRIMARY KEY (tenant, plugin, scope)
+    ) STRICT;
+    CREATE TABLE plugin_health (
+        plugin                TEXT PRIMARY KEY,
+        consecutive_failures  INTEGER NOT NULL DEFAULT 0,
+        quarantined_at        TEXT,            -- set after Limits::quarantine_after failures
+        reason                TEXT
+    ) STRICT;
+    ",
 ];

@@ -115,6 +115,9 @@ pub enum VerifyError {
         /// Actual digest.
         actual: String,
     },
+    /// Step 7: the module does not fit host ABI 1 (imports, exports).
+    #[error("step 7 (wasm)")]
+    Abi(#[from] crate::runtime::abi::AbiError),
     /// Step 8: expired against the trusted clock.
     #[error("step 8 (expiry): bundle expired at {expires}; trusted time is {now}")]
     Expired {
@@ -301,6 +304,10 @@ pub fn verify(
             actual,
         });
     }
+
+    // 7 (cont.). The module is valid wasm, imports only host ABI 1 (and
+    //    fhir_* only if its scopes allow them), and exports what it lists.
+    crate::runtime::abi::check(wasm, &manifest)?;
 
     // 8. Expiry against the trusted clock (never earlier than any time seen).
     if now >= manifest.expires {

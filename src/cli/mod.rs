@@ -6,6 +6,7 @@
 //! documented in `docs/operations.md` and listed in [`ExitStatus`].
 
 mod bundle;
+mod call;
 mod demo;
 mod fhir;
 mod init;
@@ -72,6 +73,8 @@ pub enum Command {
     /// Install, list, roll back and remove plugins.
     #[command(subcommand)]
     Plugin(plugin::Cmd),
+    /// Run one plugin function for one tenant and patient, and print its output.
+    Call(call::Args),
     /// The local FHIR cache: import, read, search, stats.
     #[command(subcommand)]
     Fhir(fhir::Cmd),
@@ -87,7 +90,8 @@ pub enum ExitStatus {
     Failure = 1,
     /// Command-line usage error (clap).
     Usage = 2,
-    /// A bundle was refused by verification or the version floor.
+    /// A bundle was refused by verification or the version floor, or a
+    /// plugin call was refused (quarantine, grant, unknown function).
     Refused = 3,
     /// A named plugin or key does not exist.
     NotFound = 4,
@@ -95,6 +99,8 @@ pub enum ExitStatus {
     Config = 5,
     /// The data dir is not initialised.
     NotInitialised = 6,
+    /// A plugin call failed (the plugin's error, a trap or a limit).
+    PluginFailed = 7,
 }
 
 /// The exit status for an error, from the first typed cause in its chain.
@@ -104,6 +110,13 @@ pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
             || cause.is::<crate::bundle::store::FloorError>()
         {
             return ExitStatus::Refused;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::runtime::CallError>() {
+            return match e {
+                crate::runtime::CallError::NotInstalled(_) => ExitStatus::NotFound,
+                crate::runtime::CallError::Failed { .. } => ExitStatus::PluginFailed,
+                _ => ExitStatus::Refused,
+            };
         }
         if cause.is::<NotFound>()
             || matches!(
@@ -131,6 +144,13 @@ pub struct Ctx {
     pub config: Config,
     /// Output mode.
     pub out: Output,
+}
+
+impl Ctx {
+    /// True when `--json` was given.
+    pub fn out_json(&self) -> bool {
+        self.out.json
+    }
 }
 
 /// Prints results as text or JSON.
@@ -182,5 +202,6 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Trust(cmd) => trust::run(&ctx, cmd),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
         Command::Fhir(cmd) => fhir::run(&ctx, cmd),
+        Command::Call(args) => call::run(&ctx, args),
     }
 }

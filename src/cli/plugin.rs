@@ -6,9 +6,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
-use super::Ctx;
-use crate::bundle::manifest::PluginName;
+use rusqlite::OptionalExtension;
+
+use super::{Ctx, NotFound};
+use crate::bundle::manifest::{Manifest, PluginName, format_time};
 use crate::bundle::store;
+use crate::runtime::{grants, record};
+use crate::scopes::Scope;
 use crate::{admin, audit};
 
 /// `plugin` subcommands.
@@ -30,6 +34,46 @@ pub enum Cmd {
     Rollback {
         /// `vendor/name`.
         name: String,
+    },
+    /// Grant a plugin SMART v2 scopes for one tenant (a subset of what its
+    /// manifest requests).
+    Grant {
+        /// The tenant (clinic).
+        #[arg(long)]
+        tenant: String,
+        /// `vendor/name`.
+        name: String,
+        /// Scopes, e.g. `patient/Observation.rs?category=…|vital-signs`.
+        #[arg(required = true)]
+        scopes: Vec<String>,
+    },
+    /// Remove every grant of a plugin for one tenant.
+    Ungrant {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// `vendor/name`.
+        name: String,
+    },
+    /// List grants.
+    Grants {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Lift a plugin's quarantine.
+    Enable {
+        /// `vendor/name`.
+        name: String,
+    },
+    /// Show recent plugin calls (with `--accesses`, their host-function accesses).
+    Calls {
+        /// How many, newest last.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Include each call's host-function accesses.
+        #[arg(long)]
+        accesses: bool,
     },
     /// Show recent bundle decisions (accepted and refused).
     History {
@@ -107,6 +151,109 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             let r = admin::rollback(&ctx.dir, &name, limits)?;
             ctx.out.emit(&r, || {
                 format!("rolled {} back from {} to {}", r.plugin, r.from, r.to)
+            })
+        }
+        Cmd::Grant {
+            tenant,
+            name,
+            scopes,
+        } => {
+            let name = plugin_name(&name)?;
+            let parsed = scopes
+                .iter()
+                .map(|s| s.parse::<Scope>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut state = ctx.dir.open_state()?;
+            let manifest_json: Option<String> = state
+                .query_row(
+                    "SELECT v.manifest FROM plugins p JOIN plugin_versions v ON v.digest = p.current WHERE p.name = ?1",
+                    [&name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(manifest_json) = manifest_json else {
+                return Err(NotFound(format!("plugin {name} is not installed")).into());
+            };
+            let manifest = Manifest::parse(manifest_json.as_bytes(), limits)?;
+            let now = format_time(crate::clock::trusted_now(&ctx.dir.open_audit()?)?);
+            let all = grants::grant(&mut state, &tenant, &name, &manifest, &parsed, &now)?;
+            ctx.out.emit(&all, || {
+                format!("{name} now holds for {tenant}:\n  {}", all.join("\n  "))
+            })
+        }
+        Cmd::Ungrant { tenant, name } => {
+            let name = plugin_name(&name)?;
+            let n = grants::revoke_all(&ctx.dir.open_state()?, &tenant, &name)?;
+            ctx.out.emit(&serde_json::json!({"removed": n}), || {
+                format!("removed {n} grants of {name} for {tenant}")
+            })
+        }
+        Cmd::Grants { tenant } => {
+            let rows = grants::list(&ctx.dir.open_state()?, tenant.as_deref())?;
+            ctx.out.emit(&rows, || {
+                let mut s = String::new();
+                for r in &rows {
+                    s += &format!("{:<16} {:<24} {}\n", r.tenant, r.plugin, r.scope);
+                }
+                if s.is_empty() {
+                    s = "no grants".into();
+                }
+                s
+            })
+        }
+        Cmd::Enable { name } => {
+            let name = plugin_name(&name)?;
+            let lifted = grants::enable(&ctx.dir.open_state()?, &name)?;
+            ctx.out.emit(
+                &serde_json::json!({"enabled": name, "was_quarantined": lifted}),
+                || {
+                    if lifted {
+                        format!("{name} re-enabled")
+                    } else {
+                        format!("{name} was not quarantined")
+                    }
+                },
+            )
+        }
+        Cmd::Calls { limit, accesses } => {
+            let audit = ctx.dir.open_audit()?;
+            let calls = record::recent_calls(&audit, limit)?;
+            let mut rows = Vec::new();
+            for c in calls {
+                let acc = if accesses {
+                    record::accesses_of(&audit, &c.call_id)?
+                } else {
+                    Vec::new()
+                };
+                rows.push(serde_json::json!({"call": c, "accesses": acc}));
+            }
+            ctx.out.emit(&rows, || {
+                let mut s = String::new();
+                for r in &rows {
+                    let c = &r["call"];
+                    s += &format!(
+                        "{} {} {} {} {}/{} {} {}us: {}\n",
+                        c["time"].as_str().unwrap_or(""),
+                        c["plugin"].as_str().unwrap_or(""),
+                        c["function"].as_str().unwrap_or(""),
+                        c["outcome"].as_str().unwrap_or(""),
+                        c["tenant"].as_str().unwrap_or(""),
+                        c["patient"].as_str().unwrap_or(""),
+                        c["call_id"].as_str().unwrap_or(""),
+                        c["duration_us"],
+                        c["detail"].as_str().unwrap_or("")
+                    );
+                    for a in r["accesses"].as_array().into_iter().flatten() {
+                        s += &format!(
+                            "    {} {} {}: {}\n",
+                            a["host_fn"].as_str().unwrap_or(""),
+                            a["outcome"].as_str().unwrap_or(""),
+                            a["query"].as_str().unwrap_or(""),
+                            a["detail"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                s
             })
         }
         Cmd::History { limit } => {

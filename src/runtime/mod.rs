@@ -1,0 +1,503 @@
+//! The plugin runtime: installed plugins run under Extism (wasmtime) with
+//! no ambient authority, one tenant and one patient per call.
+//!
+//! - [`abi`]: what a module may import and must export (checked at install);
+//! - [`host_fns`]: `fhir_search`, `fhir_read`, `audit_note`;
+//! - [`grants`]: per-tenant scope grants, failure counts and quarantine;
+//! - [`record`]: call and access records in `audit.db`;
+//! - this file: loading (compile once per installed version), the instance
+//!   pool, hot swap, and the call path.
+//!
+//! Invariants:
+//! - no WASI, no HTTP hosts, no filesystem paths; memory and fuel (the time
+//!   limit) come from the manifest, clamped by [`Limits`];
+//! - an instance only ever serves one (tenant, patient): the pool keys idle
+//!   instances by it, so state a plugin keeps in globals or its heap can
+//!   never reach another patient's call (a fresh instance is made instead);
+//! - a trap, a limit, a host-function panic or any error discards the
+//!   instance; it is never returned to the pool;
+//! - a call runs on the version current when it started: installing or
+//!   rolling back swaps an `Arc` and in-flight calls finish on the old one;
+//! - every call, refused or not, is recorded before its output is returned.
+
+pub mod abi;
+pub mod grants;
+pub mod host_fns;
+pub mod record;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use extism::{CompiledPlugin, Manifest as XManifest, Plugin, PluginBuilder, Wasm};
+use rusqlite::OptionalExtension;
+use sha2::{Digest, Sha256};
+
+use crate::bundle::container;
+use crate::bundle::manifest::{Manifest, format_time};
+use crate::datadir::DataDir;
+use crate::limits::Limits;
+use crate::scopes::Scope;
+
+/// What every call can reach: the data dir and the limits.
+#[derive(Debug)]
+pub struct Env {
+    /// The data dir (its fhir.db, audit.db, state.db).
+    pub dir: DataDir,
+    /// Bounds.
+    pub limits: Limits,
+}
+
+/// The per-call context host functions see. Built fresh for every call and
+/// dropped by Extism when the call ends.
+#[derive(Debug)]
+pub struct CallCtx {
+    /// This call's id.
+    pub call_id: String,
+    /// The clinic.
+    pub tenant: String,
+    /// The patient.
+    pub patient: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Scopes granted to the plugin for this tenant.
+    pub scopes: Vec<Scope>,
+    /// Host calls made so far in this call.
+    pub host_calls: AtomicU32,
+    /// Environment.
+    pub env: Arc<Env>,
+}
+
+/// A request to run one exported function.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    /// Tenant (clinic).
+    pub tenant: String,
+    /// Patient id.
+    pub patient: String,
+    /// The requesting app or user.
+    pub requester: String,
+    /// Purpose of use (e.g. TREAT).
+    pub purpose: String,
+    /// `vendor/name`.
+    pub plugin: String,
+    /// Exported function.
+    pub function: String,
+    /// Input bytes (JSON).
+    pub input: Vec<u8>,
+}
+
+/// A successful call.
+#[derive(Debug, Clone)]
+pub struct CallOutput {
+    /// The call's id (its audit record).
+    pub call_id: String,
+    /// Version that served it.
+    pub version: String,
+    /// Output bytes.
+    pub output: Vec<u8>,
+}
+
+/// Why a call failed. The call is recorded in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No such plugin.
+    #[error("plugin {0} is not installed")]
+    NotInstalled(String),
+    /// Quarantined after repeated failures.
+    #[error(
+        "plugin {plugin} is quarantined ({reason}); an admin must run `clinicbox plugin enable {plugin}`"
+    )]
+    Quarantined {
+        /// Plugin.
+        plugin: String,
+        /// Why.
+        reason: String,
+    },
+    /// Refused before running (unknown function, bad context).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No instance became free in time.
+    #[error("plugin {0} is busy: no instance free within the wait limit")]
+    Busy(String),
+    /// The plugin failed: returned an error, trapped, or hit a limit.
+    #[error("plugin {plugin} {function} failed: {message}")]
+    Failed {
+        /// Plugin.
+        plugin: String,
+        /// Function.
+        function: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// One installed version, compiled, with its instance pool.
+struct Loaded {
+    version: String,
+    digest: String,
+    manifest: Manifest,
+    compiled: CompiledPlugin,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Idle>,
+    live: usize,
+}
+
+struct Idle {
+    key: (String, String),
+    plugin: Plugin,
+}
+
+/// The runtime: installed plugins by name, compiled on first use.
+pub struct Runtime {
+    env: Arc<Env>,
+    plugins: RwLock<HashMap<String, Arc<Loaded>>>,
+}
+
+impl Runtime {
+    /// A runtime over an initialised data dir.
+    pub fn new(dir: DataDir, limits: Limits) -> Runtime {
+        Runtime {
+            env: Arc::new(Env { dir, limits }),
+            plugins: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The current version of `name`, loading (compiling) it if the cached
+    /// one is missing or no longer current. Cheap when nothing changed.
+    fn current(&self, name: &str) -> Result<Arc<Loaded>, CallError> {
+        let state = self
+            .env
+            .dir
+            .open_state()
+            .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+        let digest: Option<String> = state
+            .query_row("SELECT current FROM plugins WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| CallError::Refused(e.to_string()))?;
+        let Some(digest) = digest else {
+            return Err(CallError::NotInstalled(name.to_owned()));
+        };
+        if let Some(l) = self.plugins.read().ok().and_then(|m| m.get(name).cloned())
+            && l.digest == digest
+        {
+            return Ok(l);
+        }
+        let loaded = Arc::new(
+            self.load(&state, name, &digest)
+                .map_err(|e| CallError::Refused(format!("cannot load {name}: {e:#}")))?,
+        );
+        if let Ok(mut m) = self.plugins.write() {
+            m.insert(name.to_owned(), loaded.clone());
+        }
+        Ok(loaded)
+    }
+
+    /// Makes sure the cached version of `name` is the installed one (after
+    /// an install or rollback). In-flight calls keep the version they began on.
+    pub fn reload(&self, name: &str) -> Result<()> {
+        self.current(name)
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn load(&self, state: &rusqlite::Connection, name: &str, digest: &str) -> Result<Loaded> {
+        let (version, manifest_json, bundle_sha): (String, String, String) = state.query_row(
+            "SELECT version, manifest, bundle_sha256 FROM plugin_versions WHERE digest = ?1",
+            [digest],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let limits = &self.env.limits;
+        let manifest = Manifest::parse(manifest_json.as_bytes(), limits)?;
+        let path = self.env.dir.plugins_dir().join(format!("{digest}.cbx"));
+        let bytes = crate::fsutil::read_bounded(&path, limits.max_bundle_bytes)?;
+        // The stored file must still be exactly what was verified at install.
+        anyhow::ensure!(
+            hex::encode(Sha256::digest(&bytes)) == bundle_sha,
+            "{} changed on disk since it was installed",
+            path.display()
+        );
+        let wasm = container::parse(&bytes, limits)?.wasm.to_vec();
+        anyhow::ensure!(
+            hex::encode(Sha256::digest(&wasm)) == manifest.wasm_sha256,
+            "wasm digest mismatch in {}",
+            path.display()
+        );
+        let pages = manifest.limits.memory_mib.min(limits.max_plugin_memory_mib) * 16;
+        let timeout_ms = u64::from(manifest.limits.timeout_ms.min(limits.max_plugin_timeout_ms));
+        let xm = XManifest::new([Wasm::data(wasm)])
+            .with_memory_max(pages)
+            .disallow_all_hosts();
+        let compiled = PluginBuilder::new(xm)
+            .with_wasi(false)
+            .with_functions(host_fns::functions())
+            .with_fuel_limit(timeout_ms * limits.fuel_per_ms)
+            .with_cache_disabled()
+            .compile()
+            .with_context(|| format!("cannot compile {name} {version}"))?;
+        Ok(Loaded {
+            version,
+            digest: digest.to_owned(),
+            manifest,
+            compiled,
+            pool: Mutex::new(Pool::default()),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Runs one call and records it.
+    pub fn call(&self, req: &CallRequest) -> Result<CallOutput, CallError> {
+        let started = Instant::now();
+        let call_id = uuid_v4();
+        let mut rec = record::CallRecord {
+            call_id: call_id.clone(),
+            time: format_time(time::OffsetDateTime::now_utc()),
+            plugin: req.plugin.clone(),
+            version: String::new(),
+            digest: String::new(),
+            function: req.function.clone(),
+            tenant: req.tenant.clone(),
+            patient: req.patient.clone(),
+            requester: req.requester.clone(),
+            purpose: req.purpose.clone(),
+            outcome: String::new(),
+            detail: String::new(),
+            duration_us: 0,
+        };
+        let result = self.call_inner(req, &call_id, &mut rec);
+        rec.duration_us = started.elapsed().as_micros() as u64;
+        let (outcome, detail) = match &result {
+            Ok(o) => ("ok", format!("{} bytes out", o.output.len())),
+            Err(CallError::Quarantined { reason, .. }) => ("quarantined", reason.clone()),
+            Err(e @ CallError::Failed { .. }) => ("error", e.to_string()),
+            Err(e) => ("refused", e.to_string()),
+        };
+        rec.outcome = outcome.to_owned();
+        rec.detail = detail;
+        let audit = self
+            .env
+            .dir
+            .open_audit()
+            .map_err(|e| CallError::Refused(format!("audit log unavailable: {e:#}")))?;
+        record::call(&audit, &rec).map_err(|e| {
+            CallError::Refused(format!("cannot record the call, output withheld: {e:#}"))
+        })?;
+        if let Ok(state) = self.env.dir.open_state() {
+            let now = format_time(time::OffsetDateTime::now_utc());
+            match &result {
+                Ok(_) => {
+                    let _ = grants::note_success(&state, &req.plugin);
+                }
+                Err(CallError::Failed { message, .. }) => {
+                    if let Ok(true) = grants::note_failure(
+                        &state,
+                        &req.plugin,
+                        message,
+                        self.env.limits.quarantine_after,
+                        &now,
+                    ) {
+                        let mut q = rec.clone();
+                        q.call_id = uuid_v4();
+                        q.outcome = "quarantined".into();
+                        q.detail = format!(
+                            "quarantined after {} consecutive failures",
+                            self.env.limits.quarantine_after
+                        );
+                        let _ = record::call(&audit, &q);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    fn call_inner(
+        &self,
+        req: &CallRequest,
+        call_id: &str,
+        rec: &mut record::CallRecord,
+    ) -> Result<CallOutput, CallError> {
+        if !crate::fhir::is_valid_tenant(&req.tenant) || !crate::fhir::is_valid_id(&req.patient) {
+            return Err(CallError::Refused(
+                "a call needs a valid tenant and patient id".into(),
+            ));
+        }
+        let state = self
+            .env
+            .dir
+            .open_state()
+            .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+        if let Some(reason) = grants::quarantined(&state, &req.plugin)
+            .map_err(|e| CallError::Refused(e.to_string()))?
+        {
+            return Err(CallError::Quarantined {
+                plugin: req.plugin.clone(),
+                reason,
+            });
+        }
+        let loaded = self.current(&req.plugin)?;
+        rec.version = loaded.version.clone();
+        rec.digest = loaded.digest.clone();
+        if !loaded.manifest.exports.contains(&req.function) {
+            return Err(CallError::Refused(format!(
+                "{} does not export {:?}",
+                req.plugin, req.function
+            )));
+        }
+        let scopes = grants::granted(&state, &req.tenant, &req.plugin)
+            .map_err(|e| CallError::Refused(e.to_string()))?;
+        drop(state);
+        let ctx = Arc::new(CallCtx {
+            call_id: call_id.to_owned(),
+            tenant: req.tenant.clone(),
+            patient: req.patient.clone(),
+            plugin: req.plugin.clone(),
+            scopes,
+            host_calls: AtomicU32::new(0),
+            env: self.env.clone(),
+        });
+        let key = (req.tenant.clone(), req.patient.clone());
+        let mut instance = self.checkout(&loaded, &key, &req.plugin)?;
+        let fail = |message: String| CallError::Failed {
+            plugin: req.plugin.clone(),
+            function: req.function.clone(),
+            message,
+        };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            instance.call_with_host_context::<&[u8], Vec<u8>, Arc<CallCtx>>(
+                &req.function,
+                &req.input,
+                ctx,
+            )
+        }));
+        let outcome = match result {
+            Err(_) => Err(fail("panicked inside the host; instance discarded".into())),
+            Ok(Err(e)) => Err(fail(describe(&e, &loaded.manifest))),
+            Ok(Ok(out)) if out.len() > self.env.limits.max_output_bytes => Err(fail(format!(
+                "output is {} bytes, over the limit of {}",
+                out.len(),
+                self.env.limits.max_output_bytes
+            ))),
+            Ok(Ok(out)) => Ok(out),
+        };
+        match outcome {
+            Ok(output) => {
+                self.checkin(&loaded, key, instance);
+                Ok(CallOutput {
+                    call_id: call_id.to_owned(),
+                    version: loaded.version.clone(),
+                    output,
+                })
+            }
+            Err(e) => {
+                drop(instance);
+                self.release(&loaded);
+                Err(e)
+            }
+        }
+    }
+
+    /// An instance for `key`: an idle one that served the same tenant and
+    /// patient, or a new one; waits while the plugin is at its cap.
+    fn checkout(
+        &self,
+        loaded: &Loaded,
+        key: &(String, String),
+        name: &str,
+    ) -> Result<Plugin, CallError> {
+        let limits = &self.env.limits;
+        let deadline = Instant::now() + Duration::from_millis(limits.pool_wait_ms);
+        let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(i) = pool.idle.iter().position(|x| &x.key == key) {
+                return Ok(pool.idle.swap_remove(i).plugin);
+            }
+            if pool.live < limits.max_instances_per_plugin {
+                pool.live += 1;
+                drop(pool);
+                return Plugin::new_from_compiled(&loaded.compiled).map_err(|e| {
+                    self.release(loaded);
+                    CallError::Refused(format!("cannot instantiate {name}: {e:#}"))
+                });
+            }
+            // At the cap: evict an idle instance of another patient, or wait.
+            if !pool.idle.is_empty() {
+                pool.idle.remove(0);
+                pool.live -= 1;
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CallError::Busy(name.to_owned()));
+            }
+            pool = loaded
+                .freed
+                .wait_timeout(pool, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn checkin(&self, loaded: &Loaded, key: (String, String), plugin: Plugin) {
+        let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.idle.len() >= self.env.limits.max_idle_per_plugin {
+            pool.idle.remove(0);
+            pool.live -= 1;
+        }
+        pool.idle.push(Idle { key, plugin });
+        loaded.freed.notify_one();
+    }
+
+    fn release(&self, loaded: &Loaded) {
+        let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.live = pool.live.saturating_sub(1);
+        loaded.freed.notify_one();
+    }
+}
+
+/// A plugin failure in words: the guest's error message, or the trap.
+fn describe(e: &anyhow::Error, m: &Manifest) -> String {
+    let text = format!("{e:#}");
+    if text.contains("out of fuel") {
+        format!(
+            "exceeded its time budget ({} ms, enforced as fuel); instance discarded",
+            m.limits.timeout_ms
+        )
+    } else if text.contains("call stack exhausted") {
+        "stack overflow (call stack exhausted); instance discarded".into()
+    } else if text.contains("wasm trap") || text.contains("unreachable") {
+        format!(
+            "trapped: {}; instance discarded",
+            text.lines().next().unwrap_or(&text)
+        )
+    } else {
+        text
+    }
+}
+
+fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
