@@ -474,6 +474,11 @@ fn describe(e: &anyhow::Error, m: &Manifest) -> String {
             "exceeded its time budget ({} ms, enforced as fuel); instance discarded",
             m.limits.timeout_ms
         )
+    } else if text == "oom" || text.ends_with(": oom") || text.contains("memory limit") {
+        format!(
+            "memory limit reached ({} MiB); instance discarded",
+            m.limits.memory_mib
+        )
     } else if text.contains("call stack exhausted") {
         "stack overflow (call stack exhausted); instance discarded".into()
     } else if text.contains("wasm trap") || text.contains("unreachable") {

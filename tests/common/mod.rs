@@ -259,3 +259,61 @@ fn snapshot_into(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// A signed bundle around any wasm module, with the given exports and scopes.
+pub fn custom_bundle(
+    name: &str,
+    version: &str,
+    wasm: &[u8],
+    exports: &[&str],
+    scopes: &[&str],
+    key: &SigningKey,
+) -> Vec<u8> {
+    let l = Limits::default();
+    let mut src = source(name, version);
+    src.exports = exports.iter().map(|s| s.to_string()).collect();
+    src.scopes = scopes.iter().map(|s| s.to_string()).collect();
+    let (_, bytes) = bundle::pack(src, wasm, CREATED, EXPIRES, &l).expect("pack");
+    bundle::sign(&bytes, key, &l).expect("sign")
+}
+
+/// The Extism-ABI WAT prelude: kernel imports, a memory, and helpers
+/// `$copy_in` (input → kernel block) and `$out_str` (static string → output).
+pub const WAT_PRELUDE: &str = r#"
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "length" (func $length (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+  (import "extism:host/env" "load_u8" (func $load_u8 (param i64) (result i32)))
+  (import "extism:host/env" "input_length" (func $input_length (result i64)))
+  (import "extism:host/env" "input_load_u8" (func $input_load_u8 (param i64) (result i32)))
+  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+  (import "extism:host/env" "error_set" (func $error_set (param i64)))
+  (memory (export "memory") 1)
+  ;; copies the call input into a new kernel block; returns its offset
+  (func $copy_in (result i64) (local $n i64) (local $p i64) (local $i i64)
+    (local.set $n (call $input_length))
+    (local.set $p (call $alloc (local.get $n)))
+    (block $done (loop $l
+      (br_if $done (i64.ge_u (local.get $i) (local.get $n)))
+      (call $store_u8 (i64.add (local.get $p) (local.get $i)) (call $input_load_u8 (local.get $i)))
+      (local.set $i (i64.add (local.get $i) (i64.const 1)))
+      (br $l)))
+    (local.get $p))
+  ;; copies $len bytes of plugin memory at $src into a new kernel block
+  (func $to_kernel (param $src i32) (param $len i32) (result i64) (local $p i64) (local $i i32)
+    (local.set $p (call $alloc (i64.extend_i32_u (local.get $len))))
+    (block $done (loop $l
+      (br_if $done (i32.ge_u (local.get $i) (local.get $len)))
+      (call $store_u8 (i64.add (local.get $p) (i64.extend_i32_u (local.get $i)))
+                      (i32.load8_u (i32.add (local.get $src) (local.get $i))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l)))
+    (local.get $p))
+  ;; sets the output to the kernel block at $p
+  (func $out_block (param $p i64) (call $output_set (local.get $p) (call $length (local.get $p))))
+"#;
+
+/// Compiles a WAT module: extra `imports`, the prelude, then `body`.
+pub fn wat(imports: &str, body: &str) -> Vec<u8> {
+    wat::parse_str(format!("(module {imports} {WAT_PRELUDE} {body})")).expect("valid WAT")
+}
