@@ -278,9 +278,7 @@ fn a_runaway_plugin_neither_stops_nor_fails_other_calls() {
     let (_b, rt) = setup();
     let spinner = {
         let rt = rt.clone();
-        std::thread::spawn(move || {
-            (0..4).all(|_| call(\&rt, "p1", "spin", "").is_err())
-        })
+        std::thread::spawn(move || (0..4).all(|_| call(&rt, "p1", "spin", "").is_err()))
     };
     // Meanwhile: another plugin, and a sibling instance of the same plugin.
     let mut ok = 0;
