@@ -13,45 +13,18 @@
 //! - a panic inside a host function is caught and becomes a trap, so the
 //!   instance is discarded rather than poisoned.
 
-use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use extism::{CurrentPlugin, Function, PTR, UserData, Val};
-use rusqlite::Connection;
 use serde_json::json;
 
+use super::conns::{self, Db};
 use super::record::{self, AccessRecord};
 use super::{CallCtx, abi};
 use crate::fhir::search::{self, Grants, SearchContext, SearchError};
-
-thread_local! {
-    /// Per-thread connections to fhir.db and audit.db, keyed by data dir.
-    static CONNS: RefCell<Option<(std::path::PathBuf, Connection, Connection)>> = const { RefCell::new(None) };
-}
-
-fn with_conns<T>(
-    ctx: &CallCtx,
-    f: impl FnOnce(&Connection, &Connection) -> Result<T>,
-) -> Result<T> {
-    CONNS.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let stale = slot
-            .as_ref()
-            .is_none_or(|(root, _, _)| root != ctx.env.dir.root());
-        if stale {
-            let fhir = crate::fhir::open(&ctx.env.dir)?;
-            let audit = ctx.env.dir.open_audit()?;
-            *slot = Some((ctx.env.dir.root().to_path_buf(), fhir, audit));
-        }
-        let (_, fhir, audit) = slot
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("connection cache is empty"))?;
-        f(fhir, audit)
-    })
-}
 
 /// The three host functions, each bound to `extism:host/user`.
 pub fn functions() -> Vec<Function> {
@@ -142,7 +115,7 @@ fn dispatch(name: &'static str, ctx: &CallCtx, arg: &str) -> Result<String> {
         duration_us: started.elapsed().as_micros() as u64,
     };
     // Durable before the data leaves.
-    with_conns(ctx, |_, audit| record::access(audit, &rec))?;
+    conns::with(&ctx.env.dir, Db::Audit, |audit| record::access(audit, &rec))?;
     Ok(match body {
         Some(b) => b,
         None => outcome(
@@ -184,7 +157,7 @@ fn fhir(ctx: &CallCtx, arg: &str, is_search: bool) -> Result<Answer> {
         patient: Some(&ctx.patient),
         grants: Grants::Scopes(&ctx.scopes),
     };
-    let result = with_conns(ctx, |fhir, _| {
+    let result = conns::with(&ctx.env.dir, Db::Fhir, |fhir| {
         Ok(if is_search {
             search::parse(arg, &ctx.env.limits)
                 .and_then(|q| search::search(fhir, &sctx, &q))

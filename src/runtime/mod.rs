@@ -21,6 +21,7 @@
 //! - every call, refused or not, is recorded before its output is returned.
 
 pub mod abi;
+mod conns;
 pub mod grants;
 pub mod host_fns;
 pub mod record;
@@ -41,6 +42,7 @@ use crate::bundle::manifest::{Manifest, format_time};
 use crate::datadir::DataDir;
 use crate::limits::Limits;
 use crate::scopes::Scope;
+use conns::Db;
 
 /// What every call can reach: the data dir and the limits.
 #[derive(Debug)]
@@ -160,6 +162,7 @@ struct Idle {
 pub struct Runtime {
     env: Arc<Env>,
     plugins: RwLock<HashMap<String, Arc<Loaded>>>,
+    loading: Mutex<()>,
 }
 
 impl Runtime {
@@ -168,39 +171,58 @@ impl Runtime {
         Runtime {
             env: Arc::new(Env { dir, limits }),
             plugins: RwLock::new(HashMap::new()),
+            loading: Mutex::new(()),
         }
     }
 
     /// The current version of `name`, loading (compiling) it if the cached
     /// one is missing or no longer current. Cheap when nothing changed.
     fn current(&self, name: &str) -> Result<Arc<Loaded>, CallError> {
-        let state = self
-            .env
-            .dir
-            .open_state()
-            .map_err(|e| CallError::Refused(format!("{e:#}")))?;
-        let digest: Option<String> = state
-            .query_row("SELECT current FROM plugins WHERE name = ?1", [name], |r| {
-                r.get(0)
+        let refused = |e: String| CallError::Refused(e);
+        let mut last_err = String::new();
+        // A concurrent install may replace (and clean up) the version we are
+        // about to load; then the next attempt sees the newer one.
+        for _ in 0..3 {
+            let digest: Option<String> = conns::with(&self.env.dir, Db::State, |state| {
+                Ok(state
+                    .prepare_cached("SELECT current FROM plugins WHERE name = ?1")?
+                    .query_row([name], |r| r.get(0))
+                    .optional()?)
             })
-            .optional()
-            .map_err(|e| CallError::Refused(e.to_string()))?;
-        let Some(digest) = digest else {
-            return Err(CallError::NotInstalled(name.to_owned()));
-        };
-        if let Some(l) = self.plugins.read().ok().and_then(|m| m.get(name).cloned())
-            && l.digest == digest
-        {
-            return Ok(l);
+            .map_err(|e| refused(format!("{e:#}")))?;
+            let Some(digest) = digest else {
+                return Err(CallError::NotInstalled(name.to_owned()));
+            };
+            if let Some(l) = self.cached(name, &digest) {
+                return Ok(l);
+            }
+            // One loader at a time; re-check after waiting for it.
+            let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = self.cached(name, &digest) {
+                return Ok(l);
+            }
+            match conns::with(&self.env.dir, Db::State, |state| {
+                self.load(state, name, &digest)
+            }) {
+                Ok(loaded) => {
+                    let loaded = Arc::new(loaded);
+                    if let Ok(mut m) = self.plugins.write() {
+                        m.insert(name.to_owned(), loaded.clone());
+                    }
+                    return Ok(loaded);
+                }
+                Err(e) => last_err = format!("cannot load {name}: {e:#}"),
+            }
         }
-        let loaded = Arc::new(
-            self.load(&state, name, &digest)
-                .map_err(|e| CallError::Refused(format!("cannot load {name}: {e:#}")))?,
-        );
-        if let Ok(mut m) = self.plugins.write() {
-            m.insert(name.to_owned(), loaded.clone());
-        }
-        Ok(loaded)
+        Err(refused(last_err))
+    }
+
+    fn cached(&self, name: &str, digest: &str) -> Option<Arc<Loaded>> {
+        self.plugins
+            .read()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .filter(|l| l.digest == digest)
     }
 
     /// Makes sure the cached version of `name` is the installed one (after
@@ -284,40 +306,36 @@ impl Runtime {
         };
         rec.outcome = outcome.to_owned();
         rec.detail = detail;
-        let audit = self
-            .env
-            .dir
-            .open_audit()
-            .map_err(|e| CallError::Refused(format!("audit log unavailable: {e:#}")))?;
-        record::call(&audit, &rec).map_err(|e| {
+        conns::with(&self.env.dir, Db::Audit, |audit| record::call(audit, &rec)).map_err(|e| {
             CallError::Refused(format!("cannot record the call, output withheld: {e:#}"))
         })?;
-        if let Ok(state) = self.env.dir.open_state() {
-            let now = format_time(time::OffsetDateTime::now_utc());
-            match &result {
+        let now = format_time(time::OffsetDateTime::now_utc());
+        let quarantined_now = conns::with(&self.env.dir, Db::State, |state| {
+            Ok(match &result {
                 Ok(_) => {
-                    let _ = grants::note_success(&state, &req.plugin);
+                    grants::note_success(state, &req.plugin)?;
+                    false
                 }
-                Err(CallError::Failed { message, .. }) => {
-                    if let Ok(true) = grants::note_failure(
-                        &state,
-                        &req.plugin,
-                        message,
-                        self.env.limits.quarantine_after,
-                        &now,
-                    ) {
-                        let mut q = rec.clone();
-                        q.call_id = uuid_v4();
-                        q.outcome = "quarantined".into();
-                        q.detail = format!(
-                            "quarantined after {} consecutive failures",
-                            self.env.limits.quarantine_after
-                        );
-                        let _ = record::call(&audit, &q);
-                    }
-                }
-                Err(_) => {}
-            }
+                Err(CallError::Failed { message, .. }) => grants::note_failure(
+                    state,
+                    &req.plugin,
+                    message,
+                    self.env.limits.quarantine_after,
+                    &now,
+                )?,
+                Err(_) => false,
+            })
+        })
+        .unwrap_or(false);
+        if quarantined_now {
+            let mut q = rec.clone();
+            q.call_id = uuid_v4();
+            q.outcome = "quarantined".into();
+            q.detail = format!(
+                "quarantined after {} consecutive failures",
+                self.env.limits.quarantine_after
+            );
+            let _ = conns::with(&self.env.dir, Db::Audit, |audit| record::call(audit, &q));
         }
         result
     }
@@ -333,14 +351,11 @@ impl Runtime {
                 "a call needs a valid tenant and patient id".into(),
             ));
         }
-        let state = self
-            .env
-            .dir
-            .open_state()
-            .map_err(|e| CallError::Refused(format!("{e:#}")))?;
-        if let Some(reason) = grants::quarantined(&state, &req.plugin)
-            .map_err(|e| CallError::Refused(e.to_string()))?
-        {
+        let quarantine = conns::with(&self.env.dir, Db::State, |state| {
+            grants::quarantined(state, &req.plugin)
+        })
+        .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+        if let Some(reason) = quarantine {
             return Err(CallError::Quarantined {
                 plugin: req.plugin.clone(),
                 reason,
@@ -355,9 +370,10 @@ impl Runtime {
                 req.plugin, req.function
             )));
         }
-        let scopes = grants::granted(&state, &req.tenant, &req.plugin)
-            .map_err(|e| CallError::Refused(e.to_string()))?;
-        drop(state);
+        let scopes = conns::with(&self.env.dir, Db::State, |state| {
+            grants::granted(state, &req.tenant, &req.plugin)
+        })
+        .map_err(|e| CallError::Refused(e.to_string()))?;
         let ctx = Arc::new(CallCtx {
             call_id: call_id.to_owned(),
             tenant: req.tenant.clone(),
