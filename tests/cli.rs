@@ -106,7 +106,10 @@ fn vendor_flow_pack_sign_twice_verify_inspect_install() {
     assert_eq!(i["verified"], false);
     assert_eq!(i["signer_hints"], serde_json::json!([k1.id(), k2.id()]));
     assert_eq!(i["manifest"]["name"], "acme/news2");
-    assert_eq!(i["manifest"]["exports"], serde_json::json!(["news2"]));
+    assert_eq!(
+        i["manifest"]["exports"],
+        serde_json::json!(["news2", "news2_latest"])
+    );
     assert_eq!(i["wasm_sha256"], i["manifest"]["wasm"]["sha256"]);
 
     let v = b.json(&["bundle", "verify", "--pub", &s(&k2.pub_path), &s(&out)]);
@@ -324,7 +327,7 @@ fn demo_installs_the_example_bundle_and_is_idempotent() {
         assert!(out.status.success(), "round {round}: {}", stderr(&out));
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(list[0]["name"], "acme/news2");
-        assert_eq!(list[0]["version"], "0.1.0");
+        assert_eq!(list[0]["version"], "0.2.0");
     }
     assert!(tmp.path().join("clinicbox-demo/state.db").is_file());
 }

@@ -1,9 +1,12 @@
 //! JSON in, FHIR R4 `RiskAssessment` JSON out.
 //!
-//! `assess` is the whole plugin behaviour as a pure function: it parses the
+//! `assess` is the whole `news2` behaviour as a pure function: it parses the
 //! host's input, validates it field by field, scores it with
-//! [`crate::score`], and renders the resource. It uses no clock, no
-//! randomness and no host calls, so equal input gives byte-equal output.
+//! [`crate::score`], and renders the resource. `parse_latest_input` and
+//! `assess_latest` are the same for `news2_latest`, with the vital signs
+//! taken from a FHIR searchset bundle by [`crate::vitals`] and the
+//! observations used listed in `RiskAssessment.basis`. Nothing here uses a
+//! clock, randomness or host calls, so equal input gives byte-equal output.
 
 use std::fmt;
 
@@ -11,6 +14,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::score::{self, Assessment, Consciousness, RiskBand, Spo2Scale, Vitals};
+use crate::vitals;
 
 /// Text of `RiskAssessment.method`.
 pub const METHOD_TEXT: &str = "NEWS2 (Royal College of Physicians, 2017)";
@@ -99,10 +103,29 @@ struct RawInput {
     patient: Option<Raw>,
 }
 
+/// The `news2_latest` input document: an optional patient and SpO2 scale.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a json object")]
+struct RawLatestInput {
+    patient: Option<Raw>,
+    spo2_scale: Option<Raw>,
+}
+
+/// Validated `news2_latest` input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestRequest {
+    /// Asserted subject; checked against the observations' subject.
+    pub patient: Option<String>,
+    /// SpO2 scale to score with (scale 1 unless the input says 2).
+    pub spo2_scale: Spo2Scale,
+}
+
 /// Validated input.
 struct Input {
     vitals: Vitals,
     patient: Option<String>,
+    /// References of the observations the vitals came from (may be empty).
+    basis: Vec<String>,
 }
 
 fn number(field: &str, value: Option<Raw>) -> Result<f64, String> {
@@ -114,6 +137,34 @@ fn number(field: &str, value: Option<Raw>) -> Result<f64, String> {
     }
 }
 
+/// The optional `spo2_scale` field: 1 (the default) or 2.
+fn spo2_scale(value: Option<Raw>) -> Result<Spo2Scale, String> {
+    match value {
+        None => Ok(Spo2Scale::Scale1),
+        Some(Raw::UInt(n)) => Spo2Scale::from_number(n).ok_or_else(|| SPO2_SCALE_ERROR.into()),
+        Some(_) => Err(SPO2_SCALE_ERROR.into()),
+    }
+}
+
+const SPO2_SCALE_ERROR: &str = "spo2_scale must be 1 or 2";
+
+/// The optional `patient` field: a non-empty reference without whitespace.
+fn patient(value: Option<Raw>) -> Result<Option<String>, String> {
+    match value {
+        None => Ok(None),
+        Some(Raw::Str(s)) => {
+            if s.is_empty() {
+                return Err("patient must not be empty".into());
+            }
+            if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err("patient must be a reference without whitespace".into());
+            }
+            Ok(Some(s))
+        }
+        Some(_) => Err("patient must be a string reference".into()),
+    }
+}
+
 const CONSCIOUSNESS_ERROR: &str = r#"consciousness must be one of "A", "C", "V", "P", "U""#;
 
 fn parse_input(input_json: &str) -> Result<Input, String> {
@@ -122,11 +173,7 @@ fn parse_input(input_json: &str) -> Result<Input, String> {
 
     let respiratory_rate = number("respiratory_rate", raw.respiratory_rate)?;
     let spo2 = number("spo2", raw.spo2)?;
-    let spo2_scale = match raw.spo2_scale {
-        None => Spo2Scale::Scale1,
-        Some(Raw::UInt(n)) => Spo2Scale::from_number(n).ok_or("spo2_scale must be 1 or 2")?,
-        Some(_) => return Err("spo2_scale must be 1 or 2".into()),
-    };
+    let spo2_scale = spo2_scale(raw.spo2_scale)?;
     let on_oxygen = match raw.on_oxygen {
         None => return Err("on_oxygen is required".into()),
         Some(Raw::Bool(b)) => b,
@@ -140,19 +187,7 @@ fn parse_input(input_json: &str) -> Result<Input, String> {
         Some(_) => return Err(CONSCIOUSNESS_ERROR.into()),
     };
     let temperature = number("temperature", raw.temperature)?;
-    let patient = match raw.patient {
-        None => None,
-        Some(Raw::Str(s)) => {
-            if s.is_empty() {
-                return Err("patient must not be empty".into());
-            }
-            if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err("patient must be a reference without whitespace".into());
-            }
-            Some(s)
-        }
-        Some(_) => return Err("patient must be a string reference".into()),
-    };
+    let patient = patient(raw.patient)?;
 
     Ok(Input {
         vitals: Vitals {
@@ -166,6 +201,7 @@ fn parse_input(input_json: &str) -> Result<Input, String> {
             temperature,
         },
         patient,
+        basis: Vec::new(),
     })
 }
 
@@ -218,6 +254,9 @@ struct RiskAssessment {
     status: &'static str,
     method: CodeableConcept,
     subject: Reference,
+    /// Omitted when empty, so `news2` output has no `basis`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    basis: Vec<Reference>,
     prediction: [Prediction; 1],
     note: [Annotation; 1],
 }
@@ -318,6 +357,14 @@ fn render(input: Input, a: &Assessment) -> Result<String, String> {
             text: METHOD_TEXT,
         },
         subject,
+        basis: input
+            .basis
+            .into_iter()
+            .map(|r| Reference {
+                reference: Some(r),
+                display: None,
+            })
+            .collect(),
         prediction: [Prediction {
             outcome: CodeableConcept {
                 coding: Vec::new(),
@@ -350,6 +397,58 @@ fn render(input: Input, a: &Assessment) -> Result<String, String> {
 /// as compact JSON, or a lowercase error message naming the offending field.
 pub fn assess(input_json: &str) -> Result<String, String> {
     let input = parse_input(input_json)?;
+    let assessment = score::score(&input.vitals).map_err(|e| e.to_string())?;
+    render(input, &assessment)
+}
+
+/// Validates the `news2_latest` input: empty (or whitespace-only) text,
+/// `{}`, or an object with the optional fields `patient`
+/// (`"Patient/123"`) and `spo2_scale` (1 or 2, default 1), validated as in
+/// `news2`.
+///
+/// The host searches the calling patient's compartment whatever this says;
+/// a given patient is only checked against the observations' subject.
+pub fn parse_latest_input(input_json: &str) -> Result<LatestRequest, String> {
+    if input_json.trim().is_empty() {
+        return Ok(LatestRequest {
+            patient: None,
+            spo2_scale: Spo2Scale::Scale1,
+        });
+    }
+    let raw: RawLatestInput =
+        serde_json::from_str(input_json).map_err(|e| format!("invalid input: {e}"))?;
+    Ok(LatestRequest {
+        patient: patient(raw.patient)?,
+        spo2_scale: spo2_scale(raw.spo2_scale)?,
+    })
+}
+
+/// Scores the newest vital signs in `searchset_json` (the host's answer to
+/// [`vitals::SEARCH_QUERY`]) and returns a FHIR R4 `RiskAssessment` whose
+/// `basis` references the observations used, or a lowercase error message.
+///
+/// `request` comes from [`parse_latest_input`]. Its patient becomes the
+/// subject and must match the observations' subject; without it the
+/// subject is the first observation's `subject.reference`.
+pub fn assess_latest(request: &LatestRequest, searchset_json: &str) -> Result<String, String> {
+    let latest = vitals::from_searchset(searchset_json)?;
+    let patient = match (request.patient.as_deref(), latest.patient) {
+        (Some(asked), Some(found)) if !vitals::same_reference(asked, &found) => {
+            return Err(format!(
+                "the observations are for {found}, not for the requested patient {asked}"
+            ));
+        }
+        (Some(asked), _) => Some(asked.to_owned()),
+        (None, found) => found,
+    };
+    let input = Input {
+        vitals: Vitals {
+            spo2_scale: request.spo2_scale,
+            ..latest.vitals
+        },
+        patient,
+        basis: latest.basis,
+    };
     let assessment = score::score(&input.vitals).map_err(|e| e.to_string())?;
     render(input, &assessment)
 }
@@ -682,5 +781,252 @@ mod tests {
         assert_eq!(ext(&doc, "temperature"), Some(1));
         let doc = run(&with("respiratory_rate", Some(Value::from(20.5))));
         assert_eq!(ext(&doc, "respiratory-rate"), Some(2));
+    }
+    // ---- news2_latest ----
+
+    fn searchset(resources: &[Value]) -> String {
+        let entry: Vec<Value> = resources
+            .iter()
+            .map(|r| serde_json::json!({"resource": r, "search": {"mode": "match"}}))
+            .collect();
+        serde_json::json!({"resourceType": "Bundle", "type": "searchset", "entry": entry})
+            .to_string()
+    }
+
+    fn observation(id: &str, code: &str, value: Value) -> Value {
+        let mut o = serde_json::json!({
+            "resourceType": "Observation", "id": id, "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "subject": {"reference": "Patient/123"},
+        });
+        if value.is_object() && value.get("coding").is_some() {
+            o["valueCodeableConcept"] = value;
+        } else if value.is_object() {
+            o["valueQuantity"] = value;
+        } else {
+            o["valueQuantity"] = serde_json::json!({"value": value});
+        }
+        o
+    }
+
+    /// The EXAMPLE vitals as a newest-first searchset (systolic in a panel).
+    fn example_round() -> Vec<Value> {
+        let mut bp = observation("bp", "85354-9", Value::Null);
+        if let Some(o) = bp.as_object_mut() {
+            o.remove("valueQuantity");
+        }
+        bp["component"] = serde_json::json!([
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+             "valueQuantity": {"value": 120, "unit": "mm[Hg]"}},
+        ]);
+        vec![
+            observation("rr", "9279-1", Value::from(18)),
+            observation("sat", "59408-5", Value::from(97)),
+            bp,
+            observation("hr", "8867-4", Value::from(80)),
+            observation(
+                "avpu",
+                "67775-7",
+                serde_json::json!({"coding": [{"code": "A"}]}),
+            ),
+            observation("temp", "8310-5", Value::from(37.0)),
+        ]
+    }
+
+    fn request(patient: Option<&str>) -> LatestRequest {
+        LatestRequest {
+            patient: patient.map(str::to_owned),
+            spo2_scale: Spo2Scale::Scale1,
+        }
+    }
+
+    fn latest(patient: Option<&str>, json: &str) -> Result<String, String> {
+        assess_latest(&request(patient), json)
+    }
+
+    fn run_latest(patient: Option<&str>, resources: &[Value]) -> Value {
+        let out = latest(patient, &searchset(resources)).expect("usable searchset");
+        serde_json::from_str(&out).expect("output is json")
+    }
+
+    #[test]
+    fn news2_output_has_no_basis() {
+        assert!(run(EXAMPLE).get("basis").is_none());
+    }
+
+    #[test]
+    fn latest_matches_news2_plus_basis() {
+        let doc = run_latest(None, &example_round());
+        let mut direct = run(EXAMPLE);
+        assert_eq!(doc["subject"]["reference"], "Patient/123");
+        assert_eq!(
+            doc["basis"],
+            serde_json::json!([
+                {"reference": "Observation/rr"},
+                {"reference": "Observation/sat"},
+                {"reference": "Observation/bp"},
+                {"reference": "Observation/hr"},
+                {"reference": "Observation/avpu"},
+                {"reference": "Observation/temp"},
+            ])
+        );
+        // Apart from `basis`, the resource equals news2 on the same vitals.
+        if let Some(o) = direct.as_object_mut() {
+            o.insert("basis".into(), doc["basis"].clone());
+        }
+        assert_eq!(doc, direct);
+
+        let text = latest(None, &searchset(&example_round())).expect("usable");
+        assert!(
+            text.contains(
+                r#""subject":{"reference":"Patient/123"},"basis":[{"reference":"Observation/rr"}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            latest(None, &searchset(&example_round())),
+            Ok(text),
+            "deterministic"
+        );
+    }
+
+    #[test]
+    fn latest_scores_oxygen_and_fahrenheit() {
+        let mut resources = vec![
+            observation(
+                "o2",
+                "3151-8",
+                serde_json::json!({"value": 2, "unit": "L/min"}),
+            ),
+            observation(
+                "temp2",
+                "8310-5",
+                serde_json::json!({"value": 102.2, "unit": "[degF]", "code": "[degF]"}),
+            ),
+        ];
+        resources.extend(example_round());
+        let doc = run_latest(None, &resources);
+        assert_eq!(ext(&doc, "air-or-oxygen"), Some(2));
+        assert_eq!(ext(&doc, "temperature"), Some(1), "39.0 °C");
+        assert_eq!(ext(&doc, "aggregate-score"), Some(3));
+        let basis = doc["basis"].as_array().map(Vec::len);
+        assert_eq!(basis, Some(7));
+        assert_eq!(doc["basis"][2]["reference"], "Observation/o2");
+        assert_eq!(doc["basis"][6]["reference"], "Observation/temp2");
+    }
+
+    #[test]
+    fn latest_uses_the_requested_spo2_scale() {
+        let mut resources = example_round();
+        resources[1] = observation("sat", "59408-5", Value::from(89));
+        let doc = run_latest(None, &resources);
+        assert_eq!(
+            (ext(&doc, "spo2"), ext(&doc, "spo2-scale")),
+            (Some(3), Some(1))
+        );
+        let scale2 = LatestRequest {
+            patient: None,
+            spo2_scale: Spo2Scale::Scale2,
+        };
+        let out = assess_latest(&scale2, &searchset(&resources)).expect("usable");
+        let doc: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(
+            (ext(&doc, "spo2"), ext(&doc, "spo2-scale")),
+            (Some(0), Some(2))
+        );
+    }
+
+    #[test]
+    fn latest_patient_is_checked_against_the_observations() {
+        let doc = run_latest(Some("Patient/123"), &example_round());
+        assert_eq!(doc["subject"]["reference"], "Patient/123");
+        assert_eq!(
+            latest(Some("Patient/9"), &searchset(&example_round())),
+            Err(
+                "the observations are for Patient/123, not for the requested patient Patient/9"
+                    .into()
+            )
+        );
+        // Observations without subject: the asked patient, else unidentified.
+        let mut anonymous = example_round();
+        for r in &mut anonymous {
+            if let Some(o) = r.as_object_mut() {
+                o.remove("subject");
+            }
+        }
+        let doc = run_latest(Some("Patient/9"), &anonymous);
+        assert_eq!(doc["subject"]["reference"], "Patient/9");
+        let doc = run_latest(None, &anonymous);
+        assert_eq!(doc["subject"]["display"], UNIDENTIFIED_SUBJECT);
+    }
+
+    #[test]
+    fn latest_errors_are_lowercase_and_specific() {
+        let refused = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"forbidden","diagnostics":"scope denied"}]}"#;
+        assert_eq!(
+            latest(None, refused),
+            Err("fhir_search refused: scope denied".into())
+        );
+        let mut resources = example_round();
+        resources.remove(0);
+        assert_eq!(
+            latest(None, &searchset(&resources)),
+            Err("no recent respiratory rate (LOINC 9279-1) observation".into())
+        );
+        // Implausible values are still rejected by the scorer.
+        let mut resources = example_round();
+        resources[1] = observation("sat", "59408-5", Value::from(101));
+        assert_eq!(
+            latest(None, &searchset(&resources)),
+            Err("spo2 must be between 0 and 100 %, got 101".into())
+        );
+        for e in [
+            latest(None, refused),
+            latest(None, "not json"),
+            latest(None, &searchset(&resources)),
+        ] {
+            let e = e.expect_err("must fail");
+            assert!(e.starts_with(char::is_lowercase), "{e}");
+        }
+    }
+
+    #[test]
+    fn latest_input_is_optional() {
+        for empty in [
+            "",
+            "  \n",
+            "{}",
+            r#"{"patient": null}"#,
+            r#"{"spo2_scale": null}"#,
+            r#"{"spo2_scale": 1}"#,
+        ] {
+            assert_eq!(parse_latest_input(empty), Ok(request(None)), "{empty:?}");
+        }
+        assert_eq!(
+            parse_latest_input(r#"{"patient": "Patient/x", "spo2_scale": 2}"#),
+            Ok(LatestRequest {
+                patient: Some("Patient/x".into()),
+                spo2_scale: Spo2Scale::Scale2,
+            })
+        );
+        for bad in ["0", "3", "1.5", r#""2""#] {
+            assert_eq!(
+                parse_latest_input(&format!(r#"{{"spo2_scale": {bad}}}"#)),
+                Err("spo2_scale must be 1 or 2".into()),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_latest_input(r#"{"patient": 1}"#),
+            Err("patient must be a string reference".into())
+        );
+        assert_eq!(
+            parse_latest_input(r#"{"patient": ""}"#),
+            Err("patient must not be empty".into())
+        );
+        let e = parse_latest_input(r#"{"spo2": 97}"#).expect_err("unknown field");
+        assert!(e.starts_with("invalid input: unknown field `spo2`"), "{e}");
+        let e = parse_latest_input("[]").expect_err("not an object");
+        assert!(e.contains("expected a json object"), "{e}");
     }
 }

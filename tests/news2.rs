@@ -1,0 +1,105 @@
+//! Scope: the example NEWS2 plugin end to end, as clinic IT would run it:
+//! the signed example bundle, synthetic patients imported into the cache, a
+//! grant, and `clinicbox call … news2_latest`, which reads the patient's
+//! latest vital signs through `fhir_search` and answers with a
+//! RiskAssessment built only from that patient's observations.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const VITALS: &str = "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|vital-signs";
+
+#[test]
+fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
+    let b = TestBox::new();
+    b.ok(&[
+        "trust",
+        "add",
+        "--namespace",
+        "acme/",
+        repo()
+            .join("update-bundles/dev-vendor.pub")
+            .to_str()
+            .unwrap(),
+    ]);
+    b.ok(&["plugin", "install", example_bundle().to_str().unwrap()]);
+    let out = b.path("synth");
+    b.ok(&[
+        "fhir",
+        "synth",
+        "--out",
+        out.to_str().unwrap(),
+        "--patients",
+        "3",
+        "--per-patient",
+        "120",
+        "--tenants",
+        "clinic-a",
+    ]);
+    let mut args = vec![
+        "fhir".to_owned(),
+        "import".into(),
+        "--tenant".into(),
+        "clinic-a".into(),
+    ];
+    for e in std::fs::read_dir(out.join("clinic-a")).unwrap() {
+        args.push(e.unwrap().path().display().to_string());
+    }
+    b.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let call = [
+        "call",
+        "--tenant",
+        "clinic-a",
+        "--patient",
+        "p0002",
+        "acme/news2",
+        "news2_latest",
+    ];
+
+    // Without a grant the plugin's search is denied, and the call fails.
+    let denied = b.run(&call);
+    assert_eq!(denied.status.code(), Some(7));
+    assert!(
+        stderr(&denied).contains("fhir_search refused: fhir_search is not granted"),
+        "{}",
+        stderr(&denied)
+    );
+
+    b.ok(&[
+        "plugin",
+        "grant",
+        "--tenant",
+        "clinic-a",
+        "acme/news2",
+        VITALS,
+    ]);
+    let ra: Value = serde_json::from_str(&b.ok(&call)).unwrap();
+    assert_eq!(ra["resourceType"], "RiskAssessment");
+    assert_eq!(ra["subject"]["reference"], "Patient/p0002");
+    let basis = ra["basis"].as_array().unwrap();
+    assert!(basis.len() >= 6, "{ra}");
+    assert!(
+        basis.iter().all(|r| r["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with("Observation/p0002-")),
+        "{ra}"
+    );
+    let band = ra["prediction"][0]["outcome"]["text"].as_str().unwrap();
+    assert!(
+        ["low", "low-medium", "medium", "high"].contains(&band),
+        "{band}"
+    );
+
+    // Both calls and their data accesses are recorded.
+    let calls = b.json(&["plugin", "calls", "--accesses"]);
+    let calls = calls.as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["call"]["outcome"], "error");
+    assert_eq!(calls[0]["accesses"][0]["outcome"], "denied");
+    assert_eq!(calls[1]["call"]["outcome"], "ok");
+    assert_eq!(calls[1]["accesses"][0]["host_fn"], "fhir_search");
+    assert_eq!(calls[1]["accesses"][0]["patient"], "p0002");
+}
