@@ -115,6 +115,17 @@ pub fn install_file(dir: &DataDir, path: &Path, limits: &Limits) -> Result<Insta
                 &audit_db,
                 &decision("install", &source, &facts, outcome, reason),
             )?;
+            // Compile now, into the compiled-code cache, so the first call
+            // (in this or any later process) does not pay for it.
+            if report.outcome == InstallOutcome::Installed {
+                let runtime = crate::runtime::Runtime::new(dir.clone(), limits.clone());
+                if let Err(e) = runtime.reload(&report.plugin) {
+                    log::warn!(
+                        "installed {} but could not precompile it: {e:#}",
+                        report.plugin
+                    );
+                }
+            }
             Ok(report)
         }
         Err(e) => {

@@ -9,6 +9,7 @@
 //!   identity.key         the appliance's ed25519 key, mode 0600
 //!   identity.pub
 //!   plugins/             content-addressed bundles: <manifest-sha256>.cbx
+//!   cache/               wasmtime's compiled-code cache (safe to delete)
 //! ```
 //!
 //! Invariants: `init` is idempotent and never replaces an existing identity
@@ -75,6 +76,11 @@ impl DataDir {
     /// The FHIR cache database.
     pub fn fhir_db(&self) -> PathBuf {
         self.root.join("fhir.db")
+    }
+    /// Compiled-code cache (wasmtime), so a new process loads a plugin
+    /// without compiling it again.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
     }
     /// The content-addressed bundle store.
     pub fn plugins_dir(&self) -> PathBuf {

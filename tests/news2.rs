@@ -93,10 +93,24 @@ fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
         "{band}"
     );
 
+    // Install compiled the plugin into the data dir's own code cache (never
+    // $HOME); the cache is safe to delete.
+    let cache = b.data.join("cache/wasmtime");
+    assert!(
+        std::fs::read_dir(&cache)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false),
+        "no compiled code cached under {}",
+        cache.display()
+    );
+    std::fs::remove_dir_all(b.data.join("cache")).unwrap();
+
     // Both calls and their data accesses are recorded.
     let calls = b.json(&["plugin", "calls", "--accesses"]);
     let calls = calls.as_array().unwrap();
     assert_eq!(calls.len(), 2);
+    // A call after the cache was deleted still works (it recompiles).
+    b.ok(&call);
     assert_eq!(calls[0]["call"]["outcome"], "error");
     assert_eq!(calls[0]["accesses"][0]["outcome"], "denied");
     assert_eq!(calls[1]["call"]["outcome"], "ok");

@@ -260,11 +260,19 @@ impl Runtime {
         let xm = XManifest::new([Wasm::data(wasm)])
             .with_memory_max(pages)
             .disallow_all_hosts();
-        let compiled = PluginBuilder::new(xm)
+        let builder = PluginBuilder::new(xm)
             .with_wasi(false)
             .with_functions(host_fns::functions())
-            .with_fuel_limit(timeout_ms * limits.fuel_per_ms)
-            .with_cache_disabled()
+            .with_fuel_limit(timeout_ms * limits.fuel_per_ms);
+        // Never Extism's default ($HOME/.cache): our own dir, or none.
+        let builder = match cache_config(&self.env.dir) {
+            Ok(path) => builder.with_cache_config(path),
+            Err(e) => {
+                log::warn!("compiled-code cache disabled: {e:#}");
+                builder.with_cache_disabled()
+            }
+        };
+        let compiled = builder
             .compile()
             .with_context(|| format!("cannot compile {name} {version}"))?;
         Ok(Loaded {
@@ -480,6 +488,23 @@ impl Runtime {
         pool.live = pool.live.saturating_sub(1);
         loaded.freed.notify_one();
     }
+}
+
+/// Writes (once) the wasmtime cache config pointing into the data dir and
+/// returns its path. wasmtime wants an absolute cache directory.
+fn cache_config(dir: &DataDir) -> Result<std::path::PathBuf> {
+    let cache = dir.cache_dir();
+    crate::fsutil::ensure_private_dir(&cache, 0o700)?;
+    let abs = cache.canonicalize()?;
+    let path = cache.join("wasmtime.toml");
+    let text = format!(
+        "[cache]\ndirectory = {:?}\n",
+        abs.join("wasmtime").display().to_string()
+    );
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600, "cache-config")?;
+    }
+    Ok(path)
 }
 
 /// A plugin failure in words: the guest's error message, or the trap.
