@@ -1,9 +1,10 @@
 //! Scope: hostile plugins, run through the real host. A corpus of WAT
 //! plugins (infinite loop, memory growth, deep recursion, traps, huge
 //! output, log spam, a cross-patient stash, misuse of every host function,
-//! undeclared imports, WASI and HTTP) must each end with a specific error
-//! within its limit, leave the host alive, discard the instance, not disturb
-//! other calls, and be recorded.
+//! undeclared imports, WASI and HTTP) and a Rust one (`plugins/hostile`: a
+//! real panic, log spam, 16 MiB output, a stash in a global) must each end
+//! with a specific error within its limit, leave the host alive, discard the
+//! instance, not disturb other calls, and be recorded.
 
 mod common;
 
@@ -433,4 +434,61 @@ fn a_panicking_host_function_is_contained_and_the_instance_replaced() {
     let out = b.run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("p1-v1"));
+}
+
+/// Builds `plugins/hostile` (Rust, extism-pdk) with the vendors' script.
+fn hostile_rust_wasm() -> Vec<u8> {
+    let out = std::process::Command::new(repo().join("update-bundles/build-plugin.sh"))
+        .arg(repo().join("plugins/hostile"))
+        .output()
+        .expect("run build-plugin.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(String::from_utf8(out.stdout).unwrap().trim()).expect("hostile.wasm")
+}
+
+#[test]
+fn a_hostile_rust_plugin_is_contained_too() {
+    let (b, rt) = setup();
+    let evil = Vendor::new(b.tmp.path(), "evil2");
+    b.trust(&evil, "rusty/");
+    let bundle = custom_bundle(
+        "rusty/hostile",
+        "1.0.0",
+        &hostile_rust_wasm(),
+        &["panic", "log_spam", "huge", "stash"],
+        &[],
+        &evil.key,
+    );
+    let p = b.file("rusty.cbx", &bundle);
+    b.ok(&["plugin", "install", p.to_str().unwrap()]);
+    let call = |patient: &str, function: &str, input: &str| {
+        rt.call(&req("rusty/hostile", patient, function, input))
+            .map(|o| String::from_utf8(o.output).unwrap())
+            .map_err(|e| e.to_string())
+    };
+    for (function, want) in [
+        ("panic", "trapped"),
+        ("log_spam", "exceeded its time budget"),
+        ("huge", "memory limit reached (16 MiB)"),
+    ] {
+        let err = call("p1", function, "boom").expect_err(function);
+        assert!(err.contains(want), "{function}: {err}");
+        assert_eq!(last_call(&b).outcome, "error", "{function} not recorded");
+        assert_eq!(
+            call("p1", "stash", "").unwrap(),
+            "",
+            "host not alive after {function}"
+        );
+    }
+    assert_eq!(call("p1", "stash", "rust-secret-of-p1").unwrap(), "");
+    assert_eq!(
+        call("p2", "stash", "").unwrap(),
+        "",
+        "p1's data leaked to p2"
+    );
+    assert_eq!(call("p1", "stash", "").unwrap(), "rust-secret-of-p1");
 }
