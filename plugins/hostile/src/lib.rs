@@ -23,7 +23,11 @@ pub fn panic(input: String) -> FnResult<String> {
 pub fn log_spam(_: String) -> FnResult<String> {
     let mut i: u64 = 0;
     loop {
-        log!(extism_pdk::LogLevel::Error, "spam line {i} {}", "x".repeat(200));
+        log!(
+            extism_pdk::LogLevel::Error,
+            "spam line {i} {}",
+            "x".repeat(200)
+        );
         i += 1;
     }
 }
@@ -37,7 +41,9 @@ pub fn huge(_: String) -> FnResult<String> {
 /// Returns what the previous call stashed, then stashes this input.
 #[plugin_fn]
 pub fn stash(input: String) -> FnResult<String> {
-    let mut s = STASH.lock().map_err(|_| extism_pdk::Error::msg("poisoned"))?;
+    let mut s = STASH
+        .lock()
+        .map_err(|_| extism_pdk::Error::msg("poisoned"))?;
     let previous = std::mem::take(&mut *s);
     if !input.is_empty() {
         *s = input;
