@@ -1,7 +1,8 @@
-//! Scope: the example plugin rebuilds to the exact wasm its committed,
+//! Scope: each example plugin rebuilds to the exact wasm its committed,
 //! signed bundle carries, from a copy of its sources in a different
-//! directory (so checkout location cannot matter), using the same script
-//! vendors use (`update-bundles/build-plugin.sh`).
+//! directory (so checkout location cannot matter), using the same scripts
+//! vendors use (`update-bundles/build-plugin.sh` for Rust, the plugin's own
+//! `build.sh` for C).
 
 mod common;
 
@@ -25,6 +26,41 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(e.path(), dest).unwrap();
         }
     }
+}
+
+/// The wasm a committed bundle signs, by sha256.
+fn signed_wasm_digest(bundle: &std::path::Path) -> String {
+    let bytes = std::fs::read(bundle).unwrap();
+    clinicbox::bundle::inspect(&bytes, &clinicbox::limits::Limits::default())
+        .unwrap()
+        .manifest
+        .unwrap()
+        .wasm
+        .sha256
+}
+
+#[test]
+fn c_example_bundle_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("elsewhere/allergy-check");
+    copy_dir(&repo().join("plugins/allergy-check"), &src);
+    let out = Command::new(src.join("build.sh"))
+        .arg(&src)
+        .arg(tmp.path().join("out"))
+        .output()
+        .expect("run allergy-check/build.sh");
+    assert!(
+        out.status.success(),
+        "build.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rebuilt =
+        std::fs::read(String::from_utf8(out.stdout).unwrap().trim()).expect("rebuilt wasm");
+    assert_eq!(
+        hex::encode(Sha256::digest(&rebuilt)),
+        signed_wasm_digest(&repo().join("update-bundles/acme-allergy-check.cbx")),
+        "rebuilding plugins/allergy-check did not reproduce the signed wasm"
+    );
 }
 
 #[test]

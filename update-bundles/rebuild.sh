@@ -16,11 +16,17 @@ expires=2031-11-25T00:00:00Z
 cargo build --quiet --bin clinicbox
 cb="$repo/target/debug/clinicbox"
 
-# plugin dir -> bundle file
-for pair in "plugins/news2:update-bundles/acme-news2.cbx"; do
+# plugin dir -> bundle file. A plugin with its own build.sh (C) uses it;
+# Rust plugins use build-plugin.sh.
+for pair in "plugins/news2:update-bundles/acme-news2.cbx" \
+            "plugins/allergy-check:update-bundles/acme-allergy-check.cbx"; do
   dir=${pair%%:*}
   out=${pair##*:}
-  wasm=$(update-bundles/build-plugin.sh "$dir")
+  if [ -x "$dir/build.sh" ]; then
+    wasm=$("$dir/build.sh" "$dir")
+  else
+    wasm=$(update-bundles/build-plugin.sh "$dir")
+  fi
   "$cb" bundle pack --manifest "$dir/plugin.toml" --wasm "$wasm" --out "$out" \
     --created "$created" --expires "$expires"
   "$cb" bundle sign --key update-bundles/dev-vendor.key "$out"

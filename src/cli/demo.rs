@@ -1,7 +1,7 @@
 //! `clinicbox demo`: the main job on embedded defaults, for a newcomer.
 //!
 //! Inits a data dir under `./`, trusts the embedded dev vendor key for the
-//! `acme/` namespace, installs the embedded example bundle and lists the
+//! `acme/` namespace, installs the embedded example bundles and lists the
 //! installed plugins. Running it again changes nothing (every step is
 //! idempotent). The embedded files are the ones in `update-bundles/`.
 
@@ -17,8 +17,17 @@ use crate::{admin, clock, fsutil, keys};
 
 /// The dev vendor's public key (test only), as in update-bundles/.
 pub const DEV_VENDOR_PUB: &str = include_str!("../../update-bundles/dev-vendor.pub");
-/// The signed example bundle, as in update-bundles/.
-pub const EXAMPLE_BUNDLE: &[u8] = include_bytes!("../../update-bundles/acme-news2.cbx");
+/// The signed example bundles, as in update-bundles/.
+pub const EXAMPLE_BUNDLES: &[(&str, &[u8])] = &[
+    (
+        "acme-news2.cbx",
+        include_bytes!("../../update-bundles/acme-news2.cbx"),
+    ),
+    (
+        "acme-allergy-check.cbx",
+        include_bytes!("../../update-bundles/acme-allergy-check.cbx"),
+    ),
+];
 
 /// `demo` options.
 #[derive(Debug, clap::Args)]
@@ -54,15 +63,17 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
         &added.key_id[..16]
     );
 
-    let example = args.dir.join("acme-news2.cbx");
-    fsutil::write_atomic(&example, EXAMPLE_BUNDLE, 0o644, "demo")
-        .with_context(|| format!("cannot write {}", example.display()))?;
-    let r = admin::install_file(&dir, &example, &ctx.config.limits)?;
-    let what = match r.outcome {
-        store::InstallOutcome::Installed => "verified and installed",
-        store::InstallOutcome::AlreadyInstalled => "already installed, nothing changed",
-    };
-    eprintln!("3/4 {} {}: {what}", r.plugin, r.version);
+    for (file, bytes) in EXAMPLE_BUNDLES {
+        let example = args.dir.join(file);
+        fsutil::write_atomic(&example, bytes, 0o644, "demo")
+            .with_context(|| format!("cannot write {}", example.display()))?;
+        let r = admin::install_file(&dir, &example, &ctx.config.limits)?;
+        let what = match r.outcome {
+            store::InstallOutcome::Installed => "verified and installed",
+            store::InstallOutcome::AlreadyInstalled => "already installed, nothing changed",
+        };
+        eprintln!("3/4 {} {}: {what}", r.plugin, r.version);
+    }
 
     let plugins = store::list(&dir, &dir.open_state()?)?;
     eprintln!("4/4 installed plugins:");
