@@ -1,0 +1,309 @@
+//! Building the one SQL query of a search: the driving index, the AND-ed
+//! filters, and the scope conditions, with every value a bound parameter.
+
+use rusqlite::types::Value as Sql;
+
+use super::query::{Filter, Query, TokenQ};
+use super::{Grants, SearchError};
+use crate::fhir::date::{DateRange, Prefix};
+use crate::fhir::params::TypeDef;
+use crate::scopes::{ResourceSel, Scope, ScopeParam};
+
+/// SQL fragments with their bound values, built in order.
+#[derive(Default)]
+pub(super) struct Sql2 {
+    pub(super) text: String,
+    pub(super) args: Vec<Sql>,
+}
+
+impl Sql2 {
+    pub(super) fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+    }
+    pub(super) fn arg(&mut self, v: impl Into<Sql>) {
+        self.text.push('?');
+        self.args.push(v.into());
+    }
+}
+
+/// A scope restriction: OR over the outer list of (AND over token
+/// conditions `(param code, token)`).
+pub(super) type ScopeFilter = Vec<Vec<(i64, TokenQ)>>;
+
+/// The scope restriction for a type: `None` = no restriction. Err when
+/// nothing is granted.
+pub(super) fn scope_filters(
+    def: &TypeDef,
+    grants: Grants<'_>,
+    need_search: bool,
+) -> Result<Option<ScopeFilter>, SearchError> {
+    let Grants::Scopes(scopes) = grants else {
+        return Ok(None);
+    };
+    let applicable: Vec<&Scope> = scopes
+        .iter()
+        .filter(|s| match &s.resource {
+            ResourceSel::Any => true,
+            ResourceSel::Type(t) => t == def.name,
+        })
+        .filter(|s| if need_search { s.search } else { s.read })
+        .collect();
+    if applicable.is_empty() {
+        return Err(SearchError::NotGranted(def.name.to_owned()));
+    }
+    let mut ors = Vec::new();
+    for s in applicable {
+        if s.filters.is_empty() {
+            return Ok(None);
+        }
+        let mut ands = Vec::new();
+        for (param, tok) in &s.filters {
+            let name = match param {
+                ScopeParam::Category => "category",
+                ScopeParam::Code => {
+                    if def.param("code").is_some() {
+                        "code"
+                    } else {
+                        "vaccine-code"
+                    }
+                }
+                ScopeParam::Status => {
+                    if def.param("status").is_some() {
+                        "status"
+                    } else {
+                        "clinical-status"
+                    }
+                }
+            };
+            // A filter on a parameter the type lacks matches nothing.
+            let code = def.param(name).map_or(-1, |p| p.code);
+            let q = match &tok.system {
+                Some(sys) => TokenQ::SysCode(sys.clone(), tok.code.clone()),
+                None => TokenQ::Code(tok.code.clone()),
+            };
+            ands.push((code, q));
+        }
+        ors.push(ands);
+    }
+    Ok(Some(ors))
+}
+
+pub(super) fn token_cond(sql: &mut Sql2, alias: &str, alts: &[TokenQ]) {
+    sql.push("(");
+    for (i, a) in alts.iter().enumerate() {
+        if i > 0 {
+            sql.push(" OR ");
+        }
+        match a {
+            TokenQ::Code(c) => {
+                sql.push(&format!("{alias}.code = "));
+                sql.arg(c.clone());
+            }
+            TokenQ::SysCode(s, c) => {
+                sql.push(&format!("({alias}.code = "));
+                sql.arg(c.clone());
+                sql.push(&format!(" AND {alias}.system = "));
+                sql.arg(s.clone());
+                sql.push(")");
+            }
+            TokenQ::NoSys(c) => {
+                sql.push(&format!("({alias}.code = "));
+                sql.arg(c.clone());
+                sql.push(&format!(" AND {alias}.system = '')"));
+            }
+            TokenQ::SysOnly(s) => {
+                sql.push(&format!("{alias}.system = "));
+                sql.arg(s.clone());
+            }
+        }
+    }
+    sql.push(")");
+}
+
+pub(super) fn date_cond(sql: &mut Sql2, lo: &str, hi: &str, prefix: Prefix, r: DateRange) {
+    let (a, b) = (r.low, r.high);
+    match prefix {
+        Prefix::Eq => {
+            sql.push(&format!("({lo} >= "));
+            sql.arg(a);
+            sql.push(&format!(" AND {hi} <= "));
+            sql.arg(b);
+            sql.push(")");
+        }
+        Prefix::Ne => {
+            sql.push(&format!("NOT ({lo} >= "));
+            sql.arg(a);
+            sql.push(&format!(" AND {hi} <= "));
+            sql.arg(b);
+            sql.push(")");
+        }
+        Prefix::Gt => {
+            sql.push(&format!("{hi} > "));
+            sql.arg(b);
+        }
+        Prefix::Lt => {
+            sql.push(&format!("{lo} < "));
+            sql.arg(a);
+        }
+        Prefix::Ge => {
+            sql.push(&format!("{hi} >= "));
+            sql.arg(a);
+        }
+        Prefix::Le => {
+            sql.push(&format!("{lo} <= "));
+            sql.arg(b);
+        }
+    }
+}
+
+/// Which index drives the scan.
+pub(super) enum Driver {
+    Token(i64, Vec<TokenQ>),
+    Date(i64, Prefix, DateRange),
+    Compartment,
+}
+
+/// Builds `SELECT DISTINCT d.rid, d.sort_ms FROM … WHERE …` for the query.
+pub(super) fn build_where(
+    q: &Query,
+    tid: i64,
+    patient: Option<&str>,
+    scope: &Option<ScopeFilter>,
+) -> Sql2 {
+    let def = q.def;
+    // AND-ed token filters: the query's, plus a lone scope's.
+    let mut tokens: Vec<(i64, Vec<TokenQ>)> = q
+        .filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::Token { param, alts } => Some((*param, alts.clone())),
+            _ => None,
+        })
+        .collect();
+    let lone_scope = matches!(scope, Some(ors) if ors.len() == 1);
+    if let (true, Some(ors)) = (lone_scope, scope) {
+        tokens.extend(ors[0].iter().map(|(p, t)| (*p, vec![t.clone()])));
+    }
+    let date_driver = q.filters.iter().find_map(|f| match f {
+        Filter::Date {
+            param,
+            prefix: pr @ (Prefix::Ge | Prefix::Gt),
+            range,
+        } => Some(Driver::Date(*param, *pr, *range)),
+        _ => None,
+    });
+    let driver = date_driver
+        .or_else(|| tokens.first().map(|(p, a)| Driver::Token(*p, a.clone())))
+        .unwrap_or(Driver::Compartment);
+
+    let mut sql = Sql2::default();
+    let table = match driver {
+        Driver::Token(..) => "idx_token",
+        Driver::Date(..) => "idx_date",
+        Driver::Compartment => "compartment",
+    };
+    sql.push(&format!(
+        "SELECT DISTINCT d.rid, d.sort_ms FROM {table} d WHERE d.tid = "
+    ));
+    sql.arg(tid);
+    if let Some(pid) = patient {
+        sql.push(" AND d.patient = ");
+        sql.arg(pid.to_owned());
+    }
+    sql.push(" AND d.type = ");
+    sql.arg(def.code);
+    let mut skip_token = None;
+    match &driver {
+        Driver::Token(param, alts) => {
+            sql.push(" AND d.param = ");
+            sql.arg(*param);
+            sql.push(" AND ");
+            token_cond(&mut sql, "d", alts);
+            skip_token = Some(0usize);
+        }
+        Driver::Date(param, prefix, range) => {
+            sql.push(" AND d.param = ");
+            sql.arg(*param);
+            sql.push(" AND ");
+            date_cond(&mut sql, "d.low", "d.high", *prefix, *range);
+        }
+        Driver::Compartment => {}
+    }
+    for (i, (param, alts)) in tokens.iter().enumerate() {
+        if skip_token == Some(i) {
+            continue;
+        }
+        exists_token(&mut sql, *param, alts);
+    }
+    for f in &q.filters {
+        match f {
+            Filter::Token { .. } => {}
+            Filter::Date {
+                param,
+                prefix,
+                range,
+            } => {
+                sql.push(
+                    " AND EXISTS (SELECT 1 FROM idx_date x WHERE x.rid = d.rid AND x.param = ",
+                );
+                sql.arg(*param);
+                sql.push(" AND ");
+                date_cond(&mut sql, "x.low", "x.high", *prefix, *range);
+                sql.push(")");
+            }
+            Filter::Id(ids) => {
+                sql.push(" AND d.rid IN (SELECT rid FROM resources WHERE tid = ");
+                sql.arg(tid);
+                sql.push(" AND type = ");
+                sql.arg(def.name.to_owned());
+                sql.push(" AND id IN (");
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(", ");
+                    }
+                    sql.arg(id.clone());
+                }
+                sql.push("))");
+            }
+            Filter::LastUpdated { prefix, range } => {
+                sql.push(" AND EXISTS (SELECT 1 FROM resources r WHERE r.rid = d.rid AND ");
+                date_cond(
+                    &mut sql,
+                    "r.last_updated",
+                    "r.last_updated",
+                    *prefix,
+                    *range,
+                );
+                sql.push(")");
+            }
+        }
+    }
+    if let (false, Some(ors)) = (lone_scope, scope) {
+        scope_cond(&mut sql, ors);
+    }
+    sql
+}
+
+/// Appends ` AND (…)`: the OR of each scope's AND-ed token conditions on `d`.
+pub(super) fn scope_cond(sql: &mut Sql2, ors: &ScopeFilter) {
+    sql.push(" AND (");
+    for (i, ands) in ors.iter().enumerate() {
+        if i > 0 {
+            sql.push(" OR ");
+        }
+        sql.push("(1");
+        for (param, t) in ands {
+            exists_token(sql, *param, std::slice::from_ref(t));
+        }
+        sql.push(")");
+    }
+    sql.push(")");
+}
+
+pub(super) fn exists_token(sql: &mut Sql2, param: i64, alts: &[TokenQ]) {
+    sql.push(" AND EXISTS (SELECT 1 FROM idx_token t WHERE t.rid = d.rid AND t.param = ");
+    sql.arg(param);
+    sql.push(" AND ");
+    token_cond(sql, "t", alts);
+    sql.push(")");
+}
