@@ -167,7 +167,46 @@ fn main() {
     let per_instance = (rss_kib().saturating_sub(before)) as f64 / 100.0;
     drop(idle);
 
+    // A fresh process: start → installed plugin (cached code) → first answer,
+    // beside a process that only starts (`--version`).
+    let exe = env!("CARGO_BIN_EXE_clinicbox");
+    let mut process = time_n(20, || {
+        let out = std::process::Command::new(exe)
+            .args([
+                "--config",
+                b.config.to_str().unwrap(),
+                "--data-dir",
+                b.data.to_str().unwrap(),
+            ])
+            .args([
+                "call",
+                "--tenant",
+                "clinic-a",
+                "--patient",
+                "p1",
+                "--input",
+                "x",
+                "acme/echo",
+                "echo",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    });
+    let mut start_only = time_n(20, || {
+        std::process::Command::new(exe)
+            .arg("--version")
+            .output()
+            .unwrap();
+    });
+
     let floor = median(&mut raw.clone());
+    println!(
+        "fresh process → first call answered (clinicbox call): p50 {:.1} ms, p99 {:.1} ms; a process that only starts: p50 {:.1} ms",
+        median(&mut process.clone()) / 1000.0,
+        p99(&mut process) / 1000.0,
+        median(&mut start_only) / 1000.0
+    );
     println!(
         "cold start (new runtime → compile installed plugin → first answer): p50 {:.0} µs, p99 {:.0} µs",
         median(&mut cold.clone()),
