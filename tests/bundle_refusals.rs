@@ -306,12 +306,12 @@ fn trailing_garbage() {
 #[test]
 fn oversize_file_is_refused_from_its_size_alone() {
     let (b, _) = setup();
-    // 1 TiB, sparse: reading it would take hours; refusing it takes a stat.
+    // 1 TiB, sparse. The error quotes its full size, which only `stat` can
+    // know: the bounded reader stops at the cap + 1 byte.
     let p = b.path("huge.cbx");
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(1 << 40).unwrap();
     let before = b.snapshot();
-    let started = std::time::Instant::now();
     let out = b.run(&["plugin", "install", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
@@ -321,8 +321,6 @@ fn oversize_file_is_refused_from_its_size_alone() {
         stderr(&out)
     );
     assert!(b.snapshot() == before);
-    // Not a timing assertion on speed, only a guard that it did not read 1 TiB.
-    assert!(started.elapsed() < std::time::Duration::from_secs(60));
 }
 
 #[test]

@@ -66,7 +66,6 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
             String::new,
         )
     } else {
-        println!("{text}");
-        Ok(())
+        ctx.out.raw(&text)
     }
 }

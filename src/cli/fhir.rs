@@ -136,8 +136,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             let scopes = scope.parsed()?;
             let sctx = context(&scope, &scopes);
             let json = search::read(&conn, &sctx, &reference)?;
-            println!("{json}");
-            Ok(())
+            ctx.out.raw(&json)
         }
         Cmd::Search { scope, query } => {
             let conn = fhir::open(&ctx.dir)?;

@@ -160,11 +160,16 @@ pub struct Output {
 }
 
 impl Output {
+    /// Prints a document as it is (a resource, a plugin's output), with the
+    /// same closed-stdout handling as [`Output::emit`].
+    pub fn raw(&self, text: &str) -> Result<()> {
+        write_stdout(text)
+    }
+
     /// Prints `value` as JSON, or `text()` for humans. A closed stdout
     /// (`clinicbox … | head`) ends the process quietly with status 0: every
     /// state change was committed before anything is printed.
     pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
-        use std::io::Write;
         let body = if self.json {
             serde_json::to_string_pretty(value)?
         } else {
@@ -173,12 +178,20 @@ impl Output {
         if body.is_empty() {
             return Ok(());
         }
-        let mut stdout = std::io::stdout().lock();
-        match writeln!(stdout, "{body}").and_then(|()| stdout.flush()) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-            Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
-        }
+        write_stdout(&body)
+    }
+}
+
+/// Writes `body` and a newline to stdout. A closed stdout (`clinicbox … |
+/// head`) ends the process quietly with status 0: every state change was
+/// committed before anything is printed.
+fn write_stdout(body: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{body}").and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
     }
 }
 
