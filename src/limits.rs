@@ -72,6 +72,17 @@ pub struct Limits {
     pub max_host_arg_bytes: u64,
     /// Host function calls allowed within one plugin call (default 256).
     pub max_host_calls_per_call: u32,
+    /// Log text a plugin may emit per call, in bytes (default 16 KiB).
+    /// Beyond it, messages are dropped and one warning says how many.
+    pub max_log_bytes_per_call: usize,
+    /// Longest single log message forwarded, in bytes (default 2 KiB);
+    /// longer ones are cut.
+    pub max_log_line_bytes: usize,
+    /// Wasm stack a plugin call may use, in bytes (default 512 KiB); deeper
+    /// recursion traps with "call stack exhausted".
+    pub max_wasm_stack_bytes: usize,
+    /// Table elements a plugin instance may hold (default 100,000).
+    pub max_table_elements: usize,
     /// Live instances per plugin (default 8): calls beyond wait.
     pub max_instances_per_plugin: usize,
     /// Idle instances kept per plugin for reuse (default 8).
@@ -112,6 +123,10 @@ impl Default for Limits {
             max_output_bytes: 1024 * 1024,
             max_host_arg_bytes: 64 * 1024,
             max_host_calls_per_call: 256,
+            max_log_bytes_per_call: 16 * 1024,
+            max_log_line_bytes: 2 * 1024,
+            max_wasm_stack_bytes: 512 * 1024,
+            max_table_elements: 100_000,
             max_instances_per_plugin: 8,
             max_idle_per_plugin: 8,
             pool_wait_ms: 2_000,

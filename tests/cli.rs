@@ -329,7 +329,7 @@ fn demo_installs_the_example_bundle_and_is_idempotent() {
         assert_eq!(list[0]["name"], "acme/allergy-check");
         assert_eq!(list[0]["version"], "0.1.0");
         assert_eq!(list[1]["name"], "acme/news2");
-        assert_eq!(list[1]["version"], "0.2.0");
+        assert_eq!(list[1]["version"], "0.2.1");
     }
     assert!(tmp.path().join("clinicbox-demo/state.db").is_file());
 }

@@ -37,9 +37,8 @@ const HOSTILE: &str = r#"
   (func (export "divzero") (result i32) (i32.div_s (i32.const 1) (i32.const 0)))
   (func (export "huge_output") (result i32)
     (call $output_set (call $alloc (i64.const 8388608)) (i64.const 8388608)) (i32.const 0))
-  (func (export "logspam") (result i32) (local $i i32) (local $p i64)
-    (local.set $p (call $to_kernel (i32.const 0) (i32.const 2)))
-    (loop $l (call $log_info (local.get $p))
+  (func (export "logspam") (result i32) (local $i i32)
+    (loop $l (call $log_info (call $to_kernel (i32.const 0) (i32.const 64)))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
       (br_if $l (i32.lt_u (local.get $i) (i32.const 100000000))))
     (i32.const 0))
@@ -142,6 +141,9 @@ fn last_call(b: &TestBox) -> record::CallRecord {
 #[test]
 fn every_hostile_case_ends_with_its_own_error_and_the_host_lives_on() {
     let (b, rt) = setup();
+    // Plugin logs are forwarded at info (to no logger here), so they count
+    // against the per-call log cap.
+    log::set_max_level(log::LevelFilter::Info);
     assert_eq!(call(&rt, "p1", "ok", "").unwrap(), "ok", "control");
     for (function, want) in [
         ("spin", "exceeded its time budget (50 ms, enforced as fuel)"),
@@ -169,6 +171,14 @@ fn every_hostile_case_ends_with_its_own_error_and_the_host_lives_on() {
             "{function}: recorded {:?}",
             rec.detail
         );
+        if function == "logspam" {
+            // 16 KiB were forwarded; everything beyond was dropped, counted.
+            assert!(
+                rec.detail.contains("log bytes over the cap dropped"),
+                "log cap not recorded: {:?}",
+                rec.detail
+            );
+        }
         // The host is alive and the next call gets a working instance.
         assert_eq!(call(&rt, "p1", "ok", "").unwrap(), "ok", "after {function}");
     }

@@ -18,62 +18,45 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use extism::{CurrentPlugin, Function, PTR, UserData, Val};
 use serde_json::json;
+use wasmtime::Caller;
 
+use super::CallCtx;
 use super::conns::{self, Db};
+use super::host::{self, State};
 use super::record::{self, AccessRecord};
-use super::{CallCtx, abi};
 use crate::fhir::search::{self, Grants, SearchContext, SearchError};
 
-/// The three host functions, each bound to `extism:host/user`.
-pub fn functions() -> Vec<Function> {
-    abi::USER_FUNCTIONS
-        .iter()
-        .map(|&name| {
-            Function::new(
-                name,
-                [PTR],
-                [PTR],
-                UserData::new(()),
-                move |plugin: &mut CurrentPlugin, inputs: &[Val], outputs: &mut [Val], _| {
-                    host_call(name, plugin, inputs, outputs)
-                },
-            )
-            .with_namespace(abi::USER_MODULE)
-        })
-        .collect()
-}
-
-fn host_call(
+/// Runs host function `name` for the guest: reads its argument block,
+/// dispatches, and returns the offset of the result block. An `Err` traps
+/// the guest (and the instance is discarded).
+pub(crate) fn host_call(
     name: &'static str,
-    plugin: &mut CurrentPlugin,
-    inputs: &[Val],
-    outputs: &mut [Val],
-) -> Result<()> {
-    let ctx: Arc<CallCtx> = plugin.host_context::<Arc<CallCtx>>()?.clone();
-    let handle = plugin
-        .memory_from_val(&inputs[0])
-        .ok_or_else(|| anyhow::anyhow!("{name}: argument is not a valid memory offset"))?;
-    if handle.len() as u64 > ctx.env.limits.max_host_arg_bytes {
-        anyhow::bail!(
-            "{name}: argument is {} bytes, over the limit of {}",
-            handle.len(),
-            ctx.env.limits.max_host_arg_bytes
-        );
-    }
-    let arg = plugin.memory_str(handle)?.to_owned();
+    mut caller: Caller<'_, State>,
+    off: i64,
+) -> wasmtime::Result<i64> {
+    let ctx: Arc<CallCtx> = caller
+        .data()
+        .ctx()
+        .cloned()
+        .ok_or_else(|| wasmtime::Error::msg(format!("{name} called outside a plugin call")))?;
+    let arg = host::read_arg(&mut caller, off, ctx.env.limits.max_host_arg_bytes, name)?;
+    let arg = String::from_utf8(arg)
+        .map_err(|_| wasmtime::Error::msg(format!("{name}: argument is not UTF-8")))?;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         crate::fsutil::panicpoint(&format!("host.{name}"));
         dispatch(name, &ctx, &arg)
     }));
     let json = match result {
-        Ok(r) => r?,
-        Err(_) => anyhow::bail!("host function {name} panicked; the instance is discarded"),
+        Ok(Ok(json)) => json,
+        Ok(Err(e)) => return Err(wasmtime::Error::msg(format!("{name}: {e:#}"))),
+        Err(_) => {
+            return Err(wasmtime::Error::msg(format!(
+                "host function {name} panicked; the instance is discarded"
+            )));
+        }
     };
-    let out = plugin.memory_new(json)?;
-    outputs[0] = plugin.memory_to_val(out);
-    Ok(())
+    host::write_block(&mut caller, json.as_bytes())
 }
 
 fn outcome(code: &str, msg: &str) -> String {
@@ -115,7 +98,9 @@ fn dispatch(name: &'static str, ctx: &CallCtx, arg: &str) -> Result<String> {
         duration_us: started.elapsed().as_micros() as u64,
     };
     // Durable before the data leaves.
+    let t = Instant::now();
     conns::with(&ctx.env.dir, Db::Audit, |audit| record::access(audit, &rec))?;
+    add_db_time(ctx, t);
     Ok(match body {
         Some(b) => b,
         None => outcome(
@@ -157,6 +142,7 @@ fn fhir(ctx: &CallCtx, arg: &str, is_search: bool) -> Result<Answer> {
         patient: Some(&ctx.patient),
         grants: Grants::Scopes(&ctx.scopes),
     };
+    let t = Instant::now();
     let result = conns::with(&ctx.env.dir, Db::Fhir, |fhir| {
         Ok(if is_search {
             search::parse(arg, &ctx.env.limits)
@@ -165,7 +151,9 @@ fn fhir(ctx: &CallCtx, arg: &str, is_search: bool) -> Result<Answer> {
         } else {
             search::read(fhir, &sctx, arg).map(|j| (1, j))
         })
-    })?;
+    });
+    add_db_time(ctx, t);
+    let result = result?;
     Ok(match result {
         Ok((total, body)) => ("ok", format!("{total} resources"), Some(body)),
         Err(SearchError::Db(e)) => return Err(e.into()),
@@ -179,6 +167,13 @@ fn fhir(ctx: &CallCtx, arg: &str, is_search: bool) -> Result<Answer> {
         ),
         Err(e @ SearchError::Invalid(_)) => ("error", e.to_string(), None),
     })
+}
+
+fn add_db_time(ctx: &CallCtx, since: Instant) {
+    ctx.db_ns.fetch_add(
+        since.elapsed().as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 fn note(arg: &str) -> Answer {

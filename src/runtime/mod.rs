@@ -1,7 +1,8 @@
-//! The plugin runtime: installed plugins run under Extism (wasmtime) with
-//! no ambient authority, one tenant and one patient per call.
+//! The plugin runtime: installed plugins run on the Extism ABI (wasmtime)
+//! with no ambient authority, one tenant and one patient per call.
 //!
 //! - [`abi`]: what a module may import and must export (checked at install);
+//! - [`host`]: the Extism kernel, linking and the call sequence on wasmtime;
 //! - [`host_fns`]: `fhir_search`, `fhir_read`, `audit_note`;
 //! - [`grants`]: per-tenant scope grants, failure counts and quarantine;
 //! - [`record`]: call and access records in `audit.db`;
@@ -23,17 +24,17 @@
 pub mod abi;
 mod conns;
 pub mod grants;
+pub mod host;
 pub mod host_fns;
 pub mod record;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use extism::{CompiledPlugin, Manifest as XManifest, Plugin, PluginBuilder, Wasm};
 use rusqlite::OptionalExtension;
 use sha2::{Digest, Sha256};
 
@@ -54,7 +55,7 @@ pub struct Env {
 }
 
 /// The per-call context host functions see. Built fresh for every call and
-/// dropped by Extism when the call ends.
+/// taken back from the instance when the call ends.
 #[derive(Debug)]
 pub struct CallCtx {
     /// This call's id.
@@ -69,6 +70,9 @@ pub struct CallCtx {
     pub scopes: Vec<Scope>,
     /// Host calls made so far in this call.
     pub host_calls: AtomicU32,
+    /// Nanoseconds host functions spent in SQLite (queries and access
+    /// records) during this call.
+    pub db_ns: AtomicU64,
     /// Environment.
     pub env: Arc<Env>,
 }
@@ -101,6 +105,11 @@ pub struct CallOutput {
     pub version: String,
     /// Output bytes.
     pub output: Vec<u8>,
+    /// Time the instance ran this call (guest code and host functions),
+    /// in µs; the call record's `duration_us` adds the lookups around it.
+    pub guest_us: u64,
+    /// Of `guest_us`, the time host functions spent in SQLite, in µs.
+    pub host_db_us: u64,
 }
 
 /// Why a call failed. The call is recorded in every case.
@@ -142,7 +151,9 @@ struct Loaded {
     version: String,
     digest: String,
     manifest: Manifest,
-    compiled: CompiledPlugin,
+    engine: host::HostEngine,
+    module: wasmtime::Module,
+    ilimits: host::InstanceLimits,
     pool: Mutex<Pool>,
     freed: Condvar,
 }
@@ -155,14 +166,15 @@ struct Pool {
 
 struct Idle {
     key: (String, String),
-    plugin: Plugin,
+    instance: host::Instance,
 }
 
 /// The runtime: installed plugins by name, compiled on first use.
 pub struct Runtime {
     env: Arc<Env>,
     plugins: RwLock<HashMap<String, Arc<Loaded>>>,
-    loading: Mutex<()>,
+    /// Held while loading; holds the engine, made on first load.
+    loading: Mutex<Option<host::HostEngine>>,
 }
 
 impl Runtime {
@@ -171,7 +183,7 @@ impl Runtime {
         Runtime {
             env: Arc::new(Env { dir, limits }),
             plugins: RwLock::new(HashMap::new()),
-            loading: Mutex::new(()),
+            loading: Mutex::new(None),
         }
     }
 
@@ -197,12 +209,18 @@ impl Runtime {
                 return Ok(l);
             }
             // One loader at a time; re-check after waiting for it.
-            let _guard = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+            let mut engine = self.loading.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(l) = self.cached(name, &digest) {
                 return Ok(l);
             }
+            if engine.is_none() {
+                *engine = Some(self.make_engine().map_err(|e| refused(format!("{e:#}")))?);
+            }
+            let Some(engine) = engine.as_ref() else {
+                continue;
+            };
             match conns::with(&self.env.dir, Db::State, |state| {
-                self.load(state, name, &digest)
+                self.load(engine, state, name, &digest)
             }) {
                 Ok(loaded) => {
                     let loaded = Arc::new(loaded);
@@ -233,7 +251,26 @@ impl Runtime {
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    fn load(&self, state: &rusqlite::Connection, name: &str, digest: &str) -> Result<Loaded> {
+    /// The wasm engine, caching compiled code under the data dir (never in
+    /// `$HOME`); without a usable cache dir, it compiles every time.
+    fn make_engine(&self) -> Result<host::HostEngine> {
+        let limits = &self.env.limits;
+        match cache_dir(&self.env.dir) {
+            Ok(dir) => host::HostEngine::new(limits, Some(&dir)),
+            Err(e) => {
+                log::warn!("compiled-code cache disabled: {e:#}");
+                host::HostEngine::new(limits, None)
+            }
+        }
+    }
+
+    fn load(
+        &self,
+        engine: &host::HostEngine,
+        state: &rusqlite::Connection,
+        name: &str,
+        digest: &str,
+    ) -> Result<Loaded> {
         let (version, manifest_json, bundle_sha): (String, String, String) = state.query_row(
             "SELECT version, manifest, bundle_sha256 FROM plugin_versions WHERE digest = ?1",
             [digest],
@@ -255,31 +292,26 @@ impl Runtime {
             "wasm digest mismatch in {}",
             path.display()
         );
-        let pages = manifest.limits.memory_mib.min(limits.max_plugin_memory_mib) * 16;
+        let memory_mib = manifest.limits.memory_mib.min(limits.max_plugin_memory_mib);
         let timeout_ms = u64::from(manifest.limits.timeout_ms.min(limits.max_plugin_timeout_ms));
-        let xm = XManifest::new([Wasm::data(wasm)])
-            .with_memory_max(pages)
-            .disallow_all_hosts();
-        let builder = PluginBuilder::new(xm)
-            .with_wasi(false)
-            .with_functions(host_fns::functions())
-            .with_fuel_limit(timeout_ms * limits.fuel_per_ms);
-        // Never Extism's default ($HOME/.cache): our own dir, or none.
-        let builder = match cache_config(&self.env.dir) {
-            Ok(path) => builder.with_cache_config(path),
-            Err(e) => {
-                log::warn!("compiled-code cache disabled: {e:#}");
-                builder.with_cache_disabled()
-            }
-        };
-        let compiled = builder
-            .compile()
+        let module = engine
+            .compile(&wasm)
             .with_context(|| format!("cannot compile {name} {version}"))?;
+        let ilimits = host::InstanceLimits {
+            plugin: name.to_owned(),
+            memory_bytes: memory_mib as usize * 1024 * 1024,
+            fuel: timeout_ms * limits.fuel_per_ms,
+            table_elements: limits.max_table_elements,
+            log_bytes_per_call: limits.max_log_bytes_per_call,
+            log_line_bytes: limits.max_log_line_bytes,
+        };
         Ok(Loaded {
             version,
             digest: digest.to_owned(),
             manifest,
-            compiled,
+            engine: engine.clone(),
+            module,
+            ilimits,
             pool: Mutex::new(Pool::default()),
             freed: Condvar::new(),
         })
@@ -313,7 +345,12 @@ impl Runtime {
             Err(e) => ("refused", e.to_string()),
         };
         rec.outcome = outcome.to_owned();
-        rec.detail = detail;
+        // call_inner may have left a note (dropped log bytes).
+        rec.detail = if rec.detail.is_empty() {
+            detail
+        } else {
+            format!("{detail}; {}", rec.detail)
+        };
         conns::with(&self.env.dir, Db::Audit, |audit| record::call(audit, &rec)).map_err(|e| {
             CallError::Refused(format!("cannot record the call, output withheld: {e:#}"))
         })?;
@@ -389,6 +426,7 @@ impl Runtime {
             plugin: req.plugin.clone(),
             scopes,
             host_calls: AtomicU32::new(0),
+            db_ns: AtomicU64::new(0),
             env: self.env.clone(),
         });
         let key = (req.tenant.clone(), req.patient.clone());
@@ -398,21 +436,30 @@ impl Runtime {
             function: req.function.clone(),
             message,
         };
+        let ran = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            instance.call_with_host_context::<&[u8], Vec<u8>, Arc<CallCtx>>(
+            instance.call(
                 &req.function,
                 &req.input,
-                ctx,
+                Some(ctx.clone()),
+                self.env.limits.max_output_bytes,
             )
         }));
+        let guest_us = ran.elapsed().as_micros() as u64;
+        let host_db_us = ctx.db_ns.load(Ordering::Relaxed) / 1000;
+        let dropped = instance.dropped_log_bytes;
+        if dropped > 0 {
+            log::warn!(
+                "{} {}: {dropped} bytes of plugin log over the cap of {} per call dropped",
+                req.plugin,
+                req.function,
+                self.env.limits.max_log_bytes_per_call
+            );
+            rec.detail = format!("{dropped} log bytes over the cap dropped");
+        }
         let outcome = match result {
             Err(_) => Err(fail("panicked inside the host; instance discarded".into())),
             Ok(Err(e)) => Err(fail(describe(&e, &loaded.manifest))),
-            Ok(Ok(out)) if out.len() > self.env.limits.max_output_bytes => Err(fail(format!(
-                "output is {} bytes, over the limit of {}",
-                out.len(),
-                self.env.limits.max_output_bytes
-            ))),
             Ok(Ok(out)) => Ok(out),
         };
         match outcome {
@@ -422,6 +469,8 @@ impl Runtime {
                     call_id: call_id.to_owned(),
                     version: loaded.version.clone(),
                     output,
+                    guest_us,
+                    host_db_us,
                 })
             }
             Err(e) => {
@@ -439,18 +488,24 @@ impl Runtime {
         loaded: &Loaded,
         key: &(String, String),
         name: &str,
-    ) -> Result<Plugin, CallError> {
+    ) -> Result<host::Instance, CallError> {
         let limits = &self.env.limits;
         let deadline = Instant::now() + Duration::from_millis(limits.pool_wait_ms);
         let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(i) = pool.idle.iter().position(|x| &x.key == key) {
-                return Ok(pool.idle.swap_remove(i).plugin);
+                return Ok(pool.idle.swap_remove(i).instance);
             }
             if pool.live < limits.max_instances_per_plugin {
                 pool.live += 1;
                 drop(pool);
-                return Plugin::new_from_compiled(&loaded.compiled).map_err(|e| {
+                return host::Instance::new(
+                    &loaded.engine,
+                    &loaded.module,
+                    &loaded.manifest.exports,
+                    &loaded.ilimits,
+                )
+                .map_err(|e| {
                     self.release(loaded);
                     CallError::Refused(format!("cannot instantiate {name}: {e:#}"))
                 });
@@ -473,13 +528,13 @@ impl Runtime {
         }
     }
 
-    fn checkin(&self, loaded: &Loaded, key: (String, String), plugin: Plugin) {
+    fn checkin(&self, loaded: &Loaded, key: (String, String), instance: host::Instance) {
         let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.idle.len() >= self.env.limits.max_idle_per_plugin {
             pool.idle.remove(0);
             pool.live -= 1;
         }
-        pool.idle.push(Idle { key, plugin });
+        pool.idle.push(Idle { key, instance });
         loaded.freed.notify_one();
     }
 
@@ -490,45 +545,29 @@ impl Runtime {
     }
 }
 
-/// Writes (once) the wasmtime cache config pointing into the data dir and
-/// returns its path. wasmtime wants an absolute cache directory.
-fn cache_config(dir: &DataDir) -> Result<std::path::PathBuf> {
+/// The compiled-code cache dir, `<data-dir>/cache/wasmtime`, created
+/// private. wasmtime wants it absolute.
+fn cache_dir(dir: &DataDir) -> Result<std::path::PathBuf> {
     let cache = dir.cache_dir();
     crate::fsutil::ensure_private_dir(&cache, 0o700)?;
-    let abs = cache.canonicalize()?;
-    let path = cache.join("wasmtime.toml");
-    let text = format!(
-        "[cache]\ndirectory = {:?}\n",
-        abs.join("wasmtime").display().to_string()
-    );
-    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-        crate::fsutil::write_atomic(&path, text.as_bytes(), 0o600, "cache-config")?;
-    }
-    Ok(path)
+    Ok(cache.canonicalize()?.join("wasmtime"))
 }
 
 /// A plugin failure in words: the guest's error message, or the trap.
-fn describe(e: &anyhow::Error, m: &Manifest) -> String {
-    let text = format!("{e:#}");
-    if text.contains("out of fuel") {
-        format!(
+fn describe(e: &host::Failure, m: &Manifest) -> String {
+    use host::Failure as F;
+    match e {
+        F::OutOfFuel => format!(
             "exceeded its time budget ({} ms, enforced as fuel); instance discarded",
             m.limits.timeout_ms
-        )
-    } else if text == "oom" || text.ends_with(": oom") || text.contains("memory limit") {
-        format!(
+        ),
+        F::Memory => format!(
             "memory limit reached ({} MiB); instance discarded",
             m.limits.memory_mib
-        )
-    } else if text.contains("call stack exhausted") {
-        "stack overflow (call stack exhausted); instance discarded".into()
-    } else if text.contains("wasm trap") || text.contains("unreachable") {
-        format!(
-            "trapped: {}; instance discarded",
-            text.lines().next().unwrap_or(&text)
-        )
-    } else {
-        text
+        ),
+        F::StackOverflow => "stack overflow (call stack exhausted); instance discarded".into(),
+        F::Trap(t) => format!("trapped: {t}; instance discarded"),
+        F::OutputTooLarge(..) | F::Guest(_) | F::Host(_) => e.to_string(),
     }
 }
 
