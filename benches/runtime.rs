@@ -184,7 +184,7 @@ fn main() {
     let engine = HostEngine::new(&Limits::default(), None).unwrap();
     let module = engine.compile(&wasm).unwrap();
     let exports = vec!["echo".to_string()];
-    let mut inst = Instance::new(&engine, &module, &exports, &instance_limits()).unwrap();
+    let mut inst = Instance::new(&engine, &module, &exports, &[], &instance_limits()).unwrap();
     let mut host = time_n(n, || {
         inst.call("echo", &input, None, 1 << 20).unwrap();
     });
@@ -199,7 +199,7 @@ fn main() {
         let _: Vec<u8> = p.call("echo", input.as_slice()).unwrap();
     });
     let mut fresh_instance = time_n(500, || {
-        let mut i = Instance::new(&engine, &module, &exports, &instance_limits()).unwrap();
+        let mut i = Instance::new(&engine, &module, &exports, &[], &instance_limits()).unwrap();
         i.call("echo", &input, None, 1 << 20).unwrap();
     });
 
@@ -228,6 +228,7 @@ fn main() {
         &engine,
         &news2_module,
         &["news2".to_string()],
+        &[],
         &instance_limits(),
     )
     .unwrap();
@@ -279,7 +280,8 @@ fn main() {
         let before = rss_kib();
         let idle: Vec<_> = (0..100)
             .map(|_| {
-                let mut i = Instance::new(&engine, module, &names, &instance_limits()).unwrap();
+                let mut i =
+                    Instance::new(&engine, module, &names, &[], &instance_limits()).unwrap();
                 i.call(function, input, None, 1 << 20).unwrap();
                 i
             })

@@ -502,3 +502,42 @@ fn a_hostile_rust_plugin_is_contained_too() {
     );
     assert_eq!(call("p1", "stash", "").unwrap(), "rust-secret-of-p1");
 }
+
+#[test]
+fn a_host_function_is_linked_only_while_a_grant_allows_it() {
+    let (b, rt) = setup();
+    let search = "Observation";
+    // Granted: the search runs.
+    let ok: Value = serde_json::from_str(&call(&rt, "p1", "search", search).unwrap()).unwrap();
+    assert_eq!(ok["total"], 1, "granted search answers data: {ok}");
+    // Revoked: new instances link a denial stub, and the idle instance that
+    // had the real function is not reused (its key no longer matches).
+    b.ok(&["plugin", "ungrant", "--tenant", "clinic-a", "evil/hostile"]);
+    let denied = call(&rt, "p1", "search", search).unwrap();
+    assert_eq!(
+        outcome_code(&denied).as_deref(),
+        Some("forbidden"),
+        "{denied}"
+    );
+    let audit = DataDir::new(&b.data).open_audit().unwrap();
+    let last = last_call(&b);
+    let acc = record::accesses_of(&audit, &last.call_id).unwrap();
+    assert_eq!(acc.len(), 1);
+    assert_eq!(acc[0].outcome, "denied");
+    assert!(
+        acc[0].detail.contains("fhir_search is not linked"),
+        "{}",
+        acc[0].detail
+    );
+    // Granted again: linked again.
+    b.ok(&[
+        "plugin",
+        "grant",
+        "--tenant",
+        "clinic-a",
+        "evil/hostile",
+        VITALS,
+    ]);
+    let again: Value = serde_json::from_str(&call(&rt, "p1", "search", search).unwrap()).unwrap();
+    assert_eq!(again["total"], 1, "{again}");
+}

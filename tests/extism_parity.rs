@@ -19,6 +19,7 @@ fn ours(wasm: &[u8], exports: &[&str]) -> Instance {
         &engine,
         &module,
         &exports,
+        &[],
         &InstanceLimits {
             plugin: "test/parity".into(),
             memory_bytes: 16 << 20,

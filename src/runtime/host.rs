@@ -18,7 +18,8 @@
 //!   plugin's imports resolve only to the kernel's exports, the Extism
 //!   `config_get`/`log_*`/`get_log_level` functions and the clinicbox host
 //!   functions: nothing else is linked, so there is no WASI, no HTTP, no
-//!   filesystem and no host memory;
+//!   filesystem and no host memory; a clinicbox host function the grants
+//!   do not allow resolves to a denial stub;
 //! - memory is one budget over every memory of the store (kernel and
 //!   plugin, input and output included) for the instance's whole life;
 //! - the per-call context is set just before the guest runs and taken back
@@ -225,11 +226,14 @@ pub struct Instance {
 
 impl Instance {
     /// Instantiates `module` with its kernel. `exports` are the functions
-    /// callers may run (the manifest's list).
+    /// callers may run (the manifest's list); `linked` are the clinicbox
+    /// host functions the grants allow: any other one the module imports
+    /// is bound to a stub that only records and returns the denial.
     pub fn new(
         engine: &HostEngine,
         module: &Module,
         exports: &[String],
+        linked: &[&'static str],
         lim: &InstanceLimits,
     ) -> Result<Instance> {
         let state = State {
@@ -288,8 +292,9 @@ impl Instance {
                             "imports {USER_MODULE}::{name}, which host ABI 1 does not provide"
                         );
                     };
+                    let granted = linked.contains(&name);
                     Func::wrap(&mut store, move |c: Caller<'_, State>, off: i64| {
-                        host_fns::host_call(name, c, off)
+                        host_fns::host_call(name, granted, c, off)
                     })
                     .into()
                 }

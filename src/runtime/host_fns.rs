@@ -32,6 +32,7 @@ use crate::fhir::search::{self, Grants, SearchContext, SearchError};
 /// the guest (and the instance is discarded).
 pub(crate) fn host_call(
     name: &'static str,
+    granted: bool,
     mut caller: Caller<'_, State>,
     off: i64,
 ) -> wasmtime::Result<i64> {
@@ -45,7 +46,7 @@ pub(crate) fn host_call(
         .map_err(|_| wasmtime::Error::msg(format!("{name}: argument is not UTF-8")))?;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         crate::fsutil::panicpoint(&format!("host.{name}"));
-        dispatch(name, &ctx, &arg)
+        dispatch(name, granted, &ctx, &arg)
     }));
     let json = match result {
         Ok(Ok(json)) => json,
@@ -59,12 +60,27 @@ pub(crate) fn host_call(
     host::write_block(&mut caller, json.as_bytes())
 }
 
+/// The clinicbox host functions the granted scopes call for: `fhir_search`
+/// with a search scope, `fhir_read` with a read scope; `audit_note` always
+/// (a plugin may add to the audit log, never read it).
+pub fn linked(scopes: &[crate::scopes::Scope]) -> Vec<&'static str> {
+    let mut v = Vec::with_capacity(3);
+    if scopes.iter().any(|s| s.search) {
+        v.push("fhir_search");
+    }
+    if scopes.iter().any(|s| s.read) {
+        v.push("fhir_read");
+    }
+    v.push("audit_note");
+    v
+}
+
 fn outcome(code: &str, msg: &str) -> String {
     json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": msg}]}).to_string()
 }
 
 /// Runs one host function: capability check, work, record, result.
-fn dispatch(name: &'static str, ctx: &CallCtx, arg: &str) -> Result<String> {
+fn dispatch(name: &'static str, granted: bool, ctx: &CallCtx, arg: &str) -> Result<String> {
     let started = Instant::now();
     let n = ctx
         .host_calls
@@ -75,6 +91,15 @@ fn dispatch(name: &'static str, ctx: &CallCtx, arg: &str) -> Result<String> {
             format!(
                 "more than {} host calls in one plugin call",
                 ctx.env.limits.max_host_calls_per_call
+            ),
+            None,
+        )
+    } else if !granted {
+        (
+            "denied",
+            format!(
+                "{name} is not linked: no scope granted to this plugin for tenant {} allows it",
+                ctx.tenant
             ),
             None,
         )

@@ -12,6 +12,9 @@
 //! Invariants:
 //! - no WASI, no HTTP hosts, no filesystem paths; memory and fuel (the time
 //!   limit) come from the manifest, clamped by [`Limits`];
+//! - a host function is linked into an instance only when the tenant's
+//!   grants allow it; otherwise the import resolves to a stub that records
+//!   and returns the denial (and the linked ones still check per call);
 //! - an instance only ever serves one (tenant, patient): the pool keys idle
 //!   instances by it, so state a plugin keeps in globals or its heap can
 //!   never reach another patient's call (a fresh instance is made instead);
@@ -164,8 +167,17 @@ struct Pool {
     live: usize,
 }
 
+/// Which instances may serve a call: same tenant, same patient, and the
+/// same host functions linked (a grant change means new instances).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PoolKey {
+    tenant: String,
+    patient: String,
+    linked: Vec<&'static str>,
+}
+
 struct Idle {
-    key: (String, String),
+    key: PoolKey,
     instance: host::Instance,
 }
 
@@ -429,7 +441,12 @@ impl Runtime {
             db_ns: AtomicU64::new(0),
             env: self.env.clone(),
         });
-        let key = (req.tenant.clone(), req.patient.clone());
+        let linked = host_fns::linked(&ctx.scopes);
+        let key = PoolKey {
+            tenant: req.tenant.clone(),
+            patient: req.patient.clone(),
+            linked: linked.clone(),
+        };
         let mut instance = self.checkout(&loaded, &key, &req.plugin)?;
         let fail = |message: String| CallError::Failed {
             plugin: req.plugin.clone(),
@@ -486,7 +503,7 @@ impl Runtime {
     fn checkout(
         &self,
         loaded: &Loaded,
-        key: &(String, String),
+        key: &PoolKey,
         name: &str,
     ) -> Result<host::Instance, CallError> {
         let limits = &self.env.limits;
@@ -503,6 +520,7 @@ impl Runtime {
                     &loaded.engine,
                     &loaded.module,
                     &loaded.manifest.exports,
+                    &key.linked,
                     &loaded.ilimits,
                 )
                 .map_err(|e| {
@@ -528,7 +546,7 @@ impl Runtime {
         }
     }
 
-    fn checkin(&self, loaded: &Loaded, key: (String, String), instance: host::Instance) {
+    fn checkin(&self, loaded: &Loaded, key: PoolKey, instance: host::Instance) {
         let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.idle.len() >= self.env.limits.max_idle_per_plugin {
             pool.idle.remove(0);
