@@ -159,12 +159,12 @@ fn main() {
     let mut cold = Vec::new();
     for _ in 0..200 {
         let t = Instant::now();
-        let rt = Runtime::new(DataDir::new(&b.data), Limits::default());
+        let rt = Runtime::new(DataDir::new(&b.data), Limits::default()).unwrap();
         rt.call(&req("echo", &input)).unwrap();
         cold.push(t.elapsed().as_secs_f64() * 1e6);
     }
 
-    let rt = Runtime::new(DataDir::new(&b.data), Limits::default());
+    let rt = Runtime::new(DataDir::new(&b.data), Limits::default()).unwrap();
     rt.call(&req("echo", &input)).unwrap();
     let mut ours = time_n(n / 10, || {
         rt.call(&req("echo", &input)).unwrap();

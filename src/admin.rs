@@ -119,7 +119,7 @@ pub fn install_file(dir: &DataDir, path: &Path, limits: &Limits) -> Result<Insta
             // (in this or any later process) does not pay for it.
             if report.outcome == InstallOutcome::Installed {
                 let runtime = crate::runtime::Runtime::new(dir.clone(), limits.clone());
-                if let Err(e) = runtime.reload(&report.plugin) {
+                if let Err(e) = runtime.and_then(|rt| rt.reload(&report.plugin)) {
                     log::warn!(
                         "installed {} but could not precompile it: {e:#}",
                         report.plugin

@@ -91,6 +91,20 @@ pub struct Limits {
     pub pool_wait_ms: u64,
     /// Consecutive failed calls that quarantine a plugin (default 5).
     pub quarantine_after: u32,
+    /// Audit records between signed checkpoints (default 1,000).
+    pub audit_checkpoint_every: u32,
+    /// Seconds between signed checkpoints while records arrive (default 300).
+    pub audit_checkpoint_secs: u32,
+    /// Audit records per upstream batch Bundle (default 500, the most the
+    /// upload protocol allows).
+    pub sync_batch: usize,
+    /// Largest upstream response read, in bytes (default 16 MiB).
+    pub max_upstream_response_bytes: u64,
+    /// Disk budget for audit records not yet acknowledged upstream, in bytes
+    /// of record bodies; `None` (the default without an `[upstream]`) means
+    /// unbounded. Over it, PHI-returning calls are refused (fail closed);
+    /// records are never dropped.
+    pub audit_budget_bytes: Option<u64>,
     /// Largest trust threshold accepted (default 16 = `max_signatures`):
     /// a higher threshold could never be met.
     pub max_threshold: u32,
@@ -131,6 +145,11 @@ impl Default for Limits {
             max_idle_per_plugin: 8,
             pool_wait_ms: 2_000,
             quarantine_after: 5,
+            audit_checkpoint_every: 1_000,
+            audit_checkpoint_secs: 300,
+            sync_batch: 500,
+            max_upstream_response_bytes: 16 * 1024 * 1024,
+            audit_budget_bytes: None,
             max_ndjson_line_bytes: 16 * 1024 * 1024,
             max_bundle_json_bytes: 512 * 1024 * 1024,
             import_batch: 5_000,

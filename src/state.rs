@@ -63,4 +63,16 @@ pub const MIGRATIONS: &[&str] = &[
         reason                TEXT
     ) STRICT;
     ",
+    // 3: anchors: audit checkpoints that left the box (acknowledged by
+    // upstream, or exported), kept apart from audit.db so that `audit
+    // verify` can detect a truncated log.
+    "
+    CREATE TABLE audit_anchors (
+        size        INTEGER NOT NULL,
+        checkpoint  TEXT NOT NULL,                 -- the signed checkpoint, JSON
+        source      TEXT NOT NULL CHECK (source IN ('upstream', 'export')),
+        time        TEXT NOT NULL,
+        PRIMARY KEY (source, size)
+    ) STRICT;
+    ",
 ];

@@ -111,7 +111,7 @@ fn setup() -> (TestBox, Arc<Runtime>) {
         let f = b.file(&format!("{tenant}.json"), doc.to_string().as_bytes());
         b.ok(&["fhir", "import", "--tenant", tenant, f.to_str().unwrap()]);
     }
-    let rt = Arc::new(Runtime::new(DataDir::new(&b.data), Limits::default()));
+    let rt = Arc::new(Runtime::new(DataDir::new(&b.data), Limits::default()).unwrap());
     (b, rt)
 }
 

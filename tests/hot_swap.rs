@@ -34,7 +34,7 @@ fn calls_from_many_threads_survive_twenty_swaps_and_rollbacks() {
         b.ok(&["plugin", "install", p.to_str().unwrap()]);
     };
     install("1.0.0");
-    let rt = Arc::new(Runtime::new(DataDir::new(&b.data), Limits::default()));
+    let rt = Arc::new(Runtime::new(DataDir::new(&b.data), Limits::default()).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..4)
         .map(|t| {

@@ -9,45 +9,9 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-const VITALS: &str = "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|vital-signs";
-
 #[test]
 fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
-    let b = TestBox::new();
-    b.ok(&[
-        "trust",
-        "add",
-        "--namespace",
-        "acme/",
-        repo()
-            .join("update-bundles/dev-vendor.pub")
-            .to_str()
-            .unwrap(),
-    ]);
-    b.ok(&["plugin", "install", example_bundle().to_str().unwrap()]);
-    let out = b.path("synth");
-    b.ok(&[
-        "fhir",
-        "synth",
-        "--out",
-        out.to_str().unwrap(),
-        "--patients",
-        "3",
-        "--per-patient",
-        "120",
-        "--tenants",
-        "clinic-a",
-    ]);
-    let mut args = vec![
-        "fhir".to_owned(),
-        "import".into(),
-        "--tenant".into(),
-        "clinic-a".into(),
-    ];
-    for e in std::fs::read_dir(out.join("clinic-a")).unwrap() {
-        args.push(e.unwrap().path().display().to_string());
-    }
-    b.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = news2_box(3, false);
     let call = [
         "call",
         "--tenant",
@@ -62,7 +26,7 @@ fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
     let denied = b.run(&call);
     assert_eq!(denied.status.code(), Some(7));
     assert!(
-        stderr(&denied).contains("fhir_search refused: fhir_search is not granted"),
+        stderr(&denied).contains("fhir_search refused: fhir_search is not linked"),
         "{}",
         stderr(&denied)
     );
@@ -73,7 +37,7 @@ fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
         "--tenant",
         "clinic-a",
         "acme/news2",
-        VITALS,
+        NEWS2_VITALS,
     ]);
     let ra: Value = serde_json::from_str(&b.ok(&call)).unwrap();
     assert_eq!(ra["resourceType"], "RiskAssessment");

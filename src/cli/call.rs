@@ -42,7 +42,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
         None => args.input.into_bytes(),
     };
     ctx.dir.open_state()?;
-    let rt = Runtime::new(ctx.dir.clone(), ctx.config.limits.clone());
+    let rt = Runtime::new(ctx.dir.clone(), ctx.config.limits.clone())?;
     let req = CallRequest {
         tenant: args.tenant,
         patient: args.patient,

@@ -115,6 +115,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             };
             let started = std::time::Instant::now();
             let reports = import::import_files(&mut conn, &files, &opts, limits)?;
+            crate::audit::note(
+                &ctx.dir,
+                "fhir.import",
+                &serde_json::json!({"action": "import", "tenant": opts.tenant, "files": reports}),
+            )?;
             if let Some(bar) = PROGRESS.get() {
                 bar.finish_and_clear();
             }

@@ -5,6 +5,7 @@
 //! resolves it (config file, data dir) before dispatching. Exit codes are
 //! documented in `docs/operations.md` and listed in [`ExitStatus`].
 
+mod audit;
 mod bundle;
 mod call;
 mod demo;
@@ -75,6 +76,9 @@ pub enum Command {
     Plugin(plugin::Cmd),
     /// Run one plugin function for one tenant and patient, and print its output.
     Call(call::Args),
+    /// Read, export and verify the tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(audit::Cmd),
     /// The local FHIR cache: import, read, search, stats.
     #[command(subcommand)]
     Fhir(fhir::Cmd),
@@ -101,6 +105,8 @@ pub enum ExitStatus {
     NotInitialised = 6,
     /// A plugin call failed (the plugin's error, a trap or a limit).
     PluginFailed = 7,
+    /// `audit verify` found a tampered, deleted, reordered or truncated log.
+    Tampered = 8,
 }
 
 /// The exit status for an error, from the first typed cause in its chain.
@@ -117,6 +123,9 @@ pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
                 crate::runtime::CallError::Failed { .. } => ExitStatus::PluginFailed,
                 _ => ExitStatus::Refused,
             };
+        }
+        if cause.is::<crate::audit::verify::Tampered>() {
+            return ExitStatus::Tampered;
         }
         if cause.is::<NotFound>()
             || matches!(
@@ -216,5 +225,6 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
         Command::Fhir(cmd) => fhir::run(&ctx, cmd),
         Command::Call(args) => call::run(&ctx, args),
+        Command::Audit(cmd) => audit::run(&ctx, cmd),
     }
 }

@@ -177,6 +177,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             let manifest = Manifest::parse(manifest_json.as_bytes(), limits)?;
             let now = format_time(crate::clock::trusted_now(&ctx.dir.open_audit()?)?);
             let all = grants::grant(&mut state, &tenant, &name, &manifest, &parsed, &now)?;
+            crate::audit::note(
+                &ctx.dir,
+                "grant",
+                &serde_json::json!({"action": "grant", "tenant": tenant, "plugin": name.to_string(), "scopes": scopes}),
+            )?;
             ctx.out.emit(&all, || {
                 format!("{name} now holds for {tenant}:\n  {}", all.join("\n  "))
             })
@@ -184,6 +189,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
         Cmd::Ungrant { tenant, name } => {
             let name = plugin_name(&name)?;
             let n = grants::revoke_all(&ctx.dir.open_state()?, &tenant, &name)?;
+            crate::audit::note(
+                &ctx.dir,
+                "grant",
+                &serde_json::json!({"action": "ungrant", "tenant": tenant, "plugin": name.to_string(), "removed": n}),
+            )?;
             ctx.out.emit(&serde_json::json!({"removed": n}), || {
                 format!("removed {n} grants of {name} for {tenant}")
             })
@@ -204,6 +214,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
         Cmd::Enable { name } => {
             let name = plugin_name(&name)?;
             let lifted = grants::enable(&ctx.dir.open_state()?, &name)?;
+            crate::audit::note(
+                &ctx.dir,
+                "quarantine",
+                &serde_json::json!({"action": "enable", "plugin": name.to_string(), "lifted": lifted}),
+            )?;
             ctx.out.emit(
                 &serde_json::json!({"enabled": name, "was_quarantined": lifted}),
                 || {

@@ -41,6 +41,7 @@ use anyhow::{Context, Result};
 use rusqlite::OptionalExtension;
 use sha2::{Digest, Sha256};
 
+use crate::audit::log::AuditLog;
 use crate::bundle::container;
 use crate::bundle::manifest::{Manifest, format_time};
 use crate::datadir::DataDir;
@@ -55,6 +56,8 @@ pub struct Env {
     pub dir: DataDir,
     /// Bounds.
     pub limits: Limits,
+    /// The audit log (group commit).
+    pub audit: AuditLog,
 }
 
 /// The per-call context host functions see. Built fresh for every call and
@@ -191,12 +194,13 @@ pub struct Runtime {
 
 impl Runtime {
     /// A runtime over an initialised data dir.
-    pub fn new(dir: DataDir, limits: Limits) -> Runtime {
-        Runtime {
-            env: Arc::new(Env { dir, limits }),
+    pub fn new(dir: DataDir, limits: Limits) -> Result<Runtime> {
+        let audit = AuditLog::open(&dir, &limits)?;
+        Ok(Runtime {
+            env: Arc::new(Env { dir, limits, audit }),
             plugins: RwLock::new(HashMap::new()),
             loading: Mutex::new(None),
-        }
+        })
     }
 
     /// The current version of `name`, loading (compiling) it if the cached
@@ -363,7 +367,7 @@ impl Runtime {
         } else {
             format!("{detail}; {}", rec.detail)
         };
-        conns::with(&self.env.dir, Db::Audit, |audit| record::call(audit, &rec)).map_err(|e| {
+        record::call(&self.env.audit, &rec).map_err(|e| {
             CallError::Refused(format!("cannot record the call, output withheld: {e:#}"))
         })?;
         let now = format_time(time::OffsetDateTime::now_utc());
@@ -385,14 +389,20 @@ impl Runtime {
         })
         .unwrap_or(false);
         if quarantined_now {
-            let mut q = rec.clone();
-            q.call_id = uuid_v4();
-            q.outcome = "quarantined".into();
-            q.detail = format!(
-                "quarantined after {} consecutive failures",
-                self.env.limits.quarantine_after
-            );
-            let _ = conns::with(&self.env.dir, Db::Audit, |audit| record::call(audit, &q));
+            let body = serde_json::json!({
+                "action": "quarantine",
+                "plugin": req.plugin,
+                "version": rec.version,
+                "outcome": "quarantined",
+                "reason": format!(
+                    "quarantined after {} consecutive failures; last: {}",
+                    self.env.limits.quarantine_after, rec.detail
+                ),
+            });
+            let _ = self
+                .env
+                .audit
+                .append(crate::audit::log::Entry::new("quarantine", &body));
         }
         result
     }
@@ -417,6 +427,16 @@ impl Runtime {
                 plugin: req.plugin.clone(),
                 reason,
             });
+        }
+        if let Some(budget) = self.env.limits.audit_budget_bytes {
+            let (records, bytes) =
+                conns::with(&self.env.dir, Db::Audit, crate::audit::log::backlog_bytes)
+                    .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+            if bytes as u64 > budget {
+                return Err(CallError::Refused(format!(
+                    "fail-closed: {records} audit records ({bytes} bytes) are not yet upstream, over the disk budget of {budget} bytes; calls that return patient data are refused until the log syncs"
+                )));
+            }
         }
         let loaded = self.current(&req.plugin)?;
         rec.version = loaded.version.clone();

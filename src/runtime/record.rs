@@ -1,11 +1,14 @@
-//! Recording plugin calls and host-function accesses in `audit.db`.
+//! Recording plugin calls (`plugin.call`) and host-function accesses
+//! (`host.access`) in the audit log, and reading them back.
 //!
-//! Invariant: a host access is committed (WAL, `synchronous=FULL`) before
-//! the data it covers is handed to the plugin; a call is committed before
-//! its output is returned to the caller.
+//! Invariant: a host access is durable (group commit, `synchronous=FULL`)
+//! before the data it covers is handed to the plugin; a call is durable
+//! before its output is returned to the caller.
 
 use anyhow::Result;
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
+
+use crate::audit::log::{AuditLog, Entry, Receipt};
 use serde::Serialize;
 
 /// One finished plugin call.
@@ -39,18 +42,9 @@ pub struct CallRecord {
     pub duration_us: u64,
 }
 
-/// Appends a call record.
-pub fn call(audit: &Connection, r: &CallRecord) -> Result<()> {
-    audit
-        .prepare_cached(
-            "INSERT INTO plugin_calls (call_id, time, plugin, version, digest, function, tenant, patient, requester, purpose, outcome, detail, duration_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )?
-        .execute(params![
-            r.call_id, r.time, r.plugin, r.version, r.digest, r.function, r.tenant, r.patient, r.requester, r.purpose,
-            r.outcome, r.detail, r.duration_us as i64
-        ])?;
-    Ok(())
+/// Appends a call record, durably.
+pub fn call(log: &AuditLog, r: &CallRecord) -> Result<Receipt> {
+    log.append(Entry::new("plugin.call", r))
 }
 
 /// One host-function access.
@@ -78,17 +72,9 @@ pub struct AccessRecord {
     pub duration_us: u64,
 }
 
-/// Appends a host-access record.
-pub fn access(audit: &Connection, r: &AccessRecord) -> Result<()> {
-    audit
-        .prepare_cached(
-            "INSERT INTO host_accesses (call_id, time, plugin, host_fn, tenant, patient, query, outcome, detail, duration_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?
-        .execute(params![
-            r.call_id, r.time, r.plugin, r.host_fn, r.tenant, r.patient, r.query, r.outcome, r.detail, r.duration_us as i64
-        ])?;
-    Ok(())
+/// Appends a host-access record, durably.
+pub fn access(log: &AuditLog, r: &AccessRecord) -> Result<Receipt> {
+    log.append(Entry::new("host.access", r))
 }
 
 /// The newest `limit` calls, oldest first.

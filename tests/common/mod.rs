@@ -319,3 +319,73 @@ pub const WAT_PRELUDE: &str = r#"
 pub fn wat(imports: &str, body: &str) -> Vec<u8> {
     wat::parse_str(format!("(module {imports} {WAT_PRELUDE} {body})")).expect("valid WAT")
 }
+
+/// The NEWS2 vital-signs scope the example plugin requests.
+pub const NEWS2_VITALS: &str = "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|vital-signs";
+
+/// A box as clinic IT would set it up for NEWS2: the dev vendor trusted for
+/// `acme/`, the example bundle installed, `patients` synthetic patients
+/// (120 observations each) imported for clinic-a, and, with `grant`, the
+/// plugin granted its vital-signs scope.
+pub fn news2_box(patients: u32, grant: bool) -> TestBox {
+    let b = TestBox::new();
+    let key = repo().join("update-bundles/dev-vendor.pub");
+    b.ok(&[
+        "trust",
+        "add",
+        "--namespace",
+        "acme/",
+        key.to_str().unwrap(),
+    ]);
+    b.ok(&["plugin", "install", example_bundle().to_str().unwrap()]);
+    let out = b.path("synth");
+    let n = patients.to_string();
+    b.ok(&[
+        "fhir",
+        "synth",
+        "--out",
+        out.to_str().unwrap(),
+        "--patients",
+        &n,
+        "--per-patient",
+        "120",
+        "--tenants",
+        "clinic-a",
+    ]);
+    let mut args = vec![
+        "fhir".to_owned(),
+        "import".into(),
+        "--tenant".into(),
+        "clinic-a".into(),
+    ];
+    for e in std::fs::read_dir(out.join("clinic-a")).unwrap() {
+        args.push(e.unwrap().path().display().to_string());
+    }
+    b.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    if grant {
+        b.ok(&[
+            "plugin",
+            "grant",
+            "--tenant",
+            "clinic-a",
+            "acme/news2",
+            NEWS2_VITALS,
+        ]);
+    }
+    b
+}
+
+/// `clinicbox call` arguments for NEWS2 on one patient.
+pub fn news2_call(patient: &str) -> Vec<String> {
+    [
+        "call",
+        "--tenant",
+        "clinic-a",
+        "--patient",
+        patient,
+        "acme/news2",
+        "news2_latest",
+    ]
+    .map(String::from)
+    .to_vec()
+}

@@ -1,0 +1,413 @@
+//! Appending to the audit log: the hash chain and group commit.
+//!
+//! Record `n`'s hash is `sha256("clinicbox-audit-v1\0" ‖ prev ‖ n ‖ id ‖
+//! time ‖ kind ‖ body)`, each variable field prefixed by its length as a
+//! u64 (big-endian), `prev` being record `n - 1`'s hash (32 zero bytes for
+//! record 1). docs/audit-format.md has the details.
+//!
+//! Invariants:
+//! - appends are serialised by SQLite's write lock (`BEGIN IMMEDIATE`); the
+//!   chain head is read inside that transaction, so any number of processes
+//!   may append to one log;
+//! - `append`/`append_one` return only after the transaction holding the
+//!   record has committed with `synchronous=FULL`;
+//! - [`AuditLog`] batches the records of concurrent callers into one
+//!   transaction (group commit): one fsync covers them all, and each caller
+//!   still waits for its own record to be durable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::SigningKey;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use super::checkpoint;
+use crate::bundle::manifest::format_time;
+use crate::clock;
+use crate::datadir::DataDir;
+use crate::limits::Limits;
+
+/// Domain separation for record hashes.
+const DOMAIN: &[u8] = b"clinicbox-audit-v1\0";
+
+/// A record to append.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Record kind, e.g. `plugin.call`.
+    pub kind: &'static str,
+    /// JSON body, hashed exactly as stored.
+    pub body: String,
+}
+
+impl Entry {
+    /// An entry of `kind` with `body` serialised as JSON.
+    pub fn new(kind: &'static str, body: &impl serde::Serialize) -> Entry {
+        Entry {
+            kind,
+            body: serde_json::to_string(body).unwrap_or_else(|e| {
+                // Serialising plain structs cannot fail; keep a record anyway.
+                serde_json::json!({ "unserialisable": e.to_string() }).to_string()
+            }),
+        }
+    }
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Its sequence number.
+    pub seq: i64,
+    /// Its id (uuid).
+    pub id: String,
+}
+
+/// A stored, sealed record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Record {
+    /// Sequence number.
+    pub seq: i64,
+    /// uuid.
+    pub id: String,
+    /// RFC 3339.
+    pub time: String,
+    /// Kind.
+    pub kind: String,
+    /// JSON body as stored.
+    pub body: String,
+    /// Previous record's hash, hex.
+    pub prev: String,
+    /// This record's hash, hex.
+    pub hash: String,
+}
+
+/// The hash of a record.
+pub fn record_hash(
+    prev: &[u8],
+    seq: i64,
+    id: &str,
+    time: &str,
+    kind: &str,
+    body: &str,
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(DOMAIN);
+    h.update(prev);
+    h.update((seq as u64).to_be_bytes());
+    for field in [id, time, kind, body] {
+        h.update((field.len() as u64).to_be_bytes());
+        h.update(field.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// When to sign checkpoints: every `every` records or `secs` seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Records between checkpoints.
+    pub every: i64,
+    /// Seconds between checkpoints (when there are new records).
+    pub secs: i64,
+}
+
+impl Policy {
+    /// From the limits.
+    pub fn of(limits: &Limits) -> Policy {
+        Policy {
+            every: limits.audit_checkpoint_every as i64,
+            secs: limits.audit_checkpoint_secs as i64,
+        }
+    }
+}
+
+/// The signer of checkpoints: the appliance key and the policy.
+pub struct Signer<'a> {
+    /// Appliance identity.
+    pub key: &'a SigningKey,
+    /// When.
+    pub policy: Policy,
+}
+
+/// Appends `entries` in one transaction and returns their receipts, after
+/// the commit. With a signer, signs a checkpoint in the same transaction
+/// when the policy says one is due.
+pub fn append_batch(
+    conn: &Connection,
+    signer: Option<&Signer>,
+    entries: &[Entry],
+) -> Result<Vec<Receipt>> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    seal(&tx)?;
+    let now = clock::trusted_now(&tx)?;
+    let time = format_time(now);
+    let (mut seq, mut prev, mut cum) = head(&tx)?;
+    let mut out = Vec::with_capacity(entries.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO log (seq, id, time, kind, body, cum_bytes, prev, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for e in entries {
+            seq += 1;
+            let id = uuid_v4();
+            cum += e.body.len() as i64;
+            let hash = record_hash(&prev, seq, &id, &time, e.kind, &e.body);
+            insert.execute(params![
+                seq,
+                id,
+                time,
+                e.kind,
+                e.body,
+                cum,
+                &prev[..],
+                &hash[..]
+            ])?;
+            prev = hash;
+            out.push(Receipt { seq, id });
+        }
+    }
+    if let Some(s) = signer {
+        checkpoint::maybe_sign(&tx, s, seq, &prev, now)?;
+    }
+    tx.commit().context("cannot commit audit records")?;
+    Ok(out)
+}
+
+/// Appends one entry (its own transaction) and returns its receipt.
+pub fn append_one(conn: &Connection, signer: Option<&Signer>, entry: Entry) -> Result<Receipt> {
+    append_batch(conn, signer, std::slice::from_ref(&entry))?
+        .pop()
+        .context("no receipt for the appended record")
+}
+
+/// The chain head: (seq, hash, cum_bytes) of the last sealed record, or
+/// (0, zeros, 0).
+pub fn head(conn: &Connection) -> Result<(i64, [u8; 32], i64)> {
+    let row: Option<(i64, Vec<u8>, i64)> = conn
+        .prepare_cached("SELECT seq, hash, cum_bytes FROM log ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    Ok(match row {
+        None => (0, [0; 32], 0),
+        Some((seq, hash, cum)) => (
+            seq,
+            hash.try_into()
+                .map_err(|_| anyhow::anyhow!("audit record {seq}: hash is not 32 bytes"))?,
+            cum,
+        ),
+    })
+}
+
+/// Seals migrated records that have no id and hash yet (schema 3 moved the
+/// earlier tables in without them). Runs inside the caller's transaction.
+pub fn seal(conn: &Connection) -> Result<()> {
+    let pending: Vec<(i64, String, String, String)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, time, kind, body FROM log WHERE hash IS NULL ORDER BY seq",
+        )?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let first = pending[0].0;
+    let (mut prev, mut cum) = if first == 1 {
+        ([0u8; 32], 0i64)
+    } else {
+        let (h, c): (Vec<u8>, i64) = conn.query_row(
+            "SELECT hash, cum_bytes FROM log WHERE seq = ?1",
+            [first - 1],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        (
+            h.try_into()
+                .map_err(|_| anyhow::anyhow!("audit record {}: bad hash", first - 1))?,
+            c,
+        )
+    };
+    let mut update = conn.prepare_cached(
+        "UPDATE log SET id = ?2, cum_bytes = ?3, prev = ?4, hash = ?5 WHERE seq = ?1",
+    )?;
+    for (seq, time, kind, body) in pending {
+        let id = uuid_v4();
+        cum += body.len() as i64;
+        let hash = record_hash(&prev, seq, &id, &time, &kind, &body);
+        update.execute(params![seq, id, cum, &prev[..], &hash[..]])?;
+        prev = hash;
+    }
+    Ok(())
+}
+
+/// Reads records `from..=to` (sealed), oldest first.
+pub fn read_range(conn: &Connection, from: i64, to: i64) -> Result<Vec<Record>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, id, time, kind, body, prev, hash FROM log WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([from, to], |r| {
+        Ok(Record {
+            seq: r.get(0)?,
+            id: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+            time: r.get(2)?,
+            kind: r.get(3)?,
+            body: r.get(4)?,
+            prev: hex::encode(r.get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default()),
+            hash: hex::encode(r.get::<_, Option<Vec<u8>>>(6)?.unwrap_or_default()),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Bytes of record bodies after `acked_seq`: the backlog not yet upstream.
+pub fn backlog_bytes(conn: &Connection) -> Result<(i64, i64)> {
+    let (seq, _, cum) = head(conn)?;
+    let (acked, acked_cum): (i64, i64) = conn.query_row(
+        "SELECT s.acked_seq, coalesce((SELECT cum_bytes FROM log WHERE seq = s.acked_seq), 0)
+         FROM sync_state s WHERE id = 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok((seq - acked, cum - acked_cum))
+}
+
+/// A uuid v4 from the OS RNG.
+pub fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    let _ = getrandom::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The shared, group-committing appender of one data dir's log.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("signs_checkpoints", &self.inner.key.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    conn: Mutex<Connection>,
+    key: Option<SigningKey>,
+    policy: Policy,
+    queue: Mutex<Queue>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<(u64, Entry)>,
+    next_ticket: u64,
+    leader: bool,
+    results: HashMap<u64, Result<Receipt, String>>,
+}
+
+impl AuditLog {
+    /// Opens the log of `dir`, with the appliance key for checkpoints.
+    pub fn open(dir: &DataDir, limits: &Limits) -> Result<AuditLog> {
+        let conn = dir.open_audit()?;
+        let key = crate::keys::read_secret(&dir.identity_key(), limits.max_key_file_bytes)
+            .map_err(|e| log::warn!("audit checkpoints will not be signed: {e}"))
+            .ok();
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                key,
+                policy: Policy::of(limits),
+                queue: Mutex::new(Queue::default()),
+                done: Condvar::new(),
+            }),
+        })
+    }
+
+    /// Appends `entry` and returns once it is durable. Concurrent callers
+    /// share one transaction: the first becomes the leader and commits
+    /// everything queued; the others wait for it.
+    pub fn append(&self, entry: Entry) -> Result<Receipt> {
+        let inner = &self.inner;
+        let mut q = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.pending.push((ticket, entry));
+        loop {
+            if let Some(r) = q.results.remove(&ticket) {
+                return r.map_err(anyhow::Error::msg);
+            }
+            if q.leader {
+                q = inner.done.wait(q).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            q.leader = true;
+            let batch = std::mem::take(&mut q.pending);
+            drop(q);
+            let entries: Vec<Entry> = batch.iter().map(|(_, e)| e.clone()).collect();
+            let result = {
+                let conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+                let signer = inner.key.as_ref().map(|key| Signer {
+                    key,
+                    policy: inner.policy,
+                });
+                append_batch(&conn, signer.as_ref(), &entries)
+            };
+            q = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(receipts) => {
+                    for ((t, _), r) in batch.iter().zip(receipts) {
+                        q.results.insert(*t, Ok(r));
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("cannot append to the audit log: {e:#}");
+                    for (t, _) in &batch {
+                        q.results.insert(*t, Err(msg.clone()));
+                    }
+                }
+            }
+            q.leader = false;
+            inner.done.notify_all();
+        }
+    }
+
+    /// Runs `f` on the log's connection (reads, sync bookkeeping).
+    pub fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_covers_every_field_and_the_link() {
+        let base = record_hash(&[0; 32], 1, "a", "t", "k", "{}");
+        assert_ne!(base, record_hash(&[1; 32], 1, "a", "t", "k", "{}"));
+        assert_ne!(base, record_hash(&[0; 32], 2, "a", "t", "k", "{}"));
+        assert_ne!(base, record_hash(&[0; 32], 1, "b", "t", "k", "{}"));
+        assert_ne!(base, record_hash(&[0; 32], 1, "a", "u", "k", "{}"));
+        assert_ne!(base, record_hash(&[0; 32], 1, "a", "t", "j", "{}"));
+        assert_ne!(base, record_hash(&[0; 32], 1, "a", "t", "k", "{ }"));
+        // Length prefixes: moving a byte between fields changes the hash.
+        assert_ne!(
+            record_hash(&[0; 32], 1, "ab", "c", "k", "{}"),
+            record_hash(&[0; 32], 1, "a", "bc", "k", "{}")
+        );
+    }
+}
