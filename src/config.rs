@@ -29,6 +29,79 @@ pub struct RawConfig {
     pub log_level: Option<String>,
     /// Optional overrides of [`Limits`].
     pub limits: Option<RawLimits>,
+    /// The upstream FHIR server (audit upload, cache refresh).
+    pub upstream: Option<RawUpstream>,
+}
+
+/// `[upstream]`: where audit records go and FHIR data comes from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// FHIR base URL, `https://…` (or `http://` with `allow_plain_http`).
+    pub url: String,
+    /// PEM file of CA certificates to trust (default: the Mozilla roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM file with the one server certificate to trust (pinning); not
+    /// together with `ca_file`.
+    pub pinned_cert: Option<PathBuf>,
+    /// File holding a bearer token.
+    pub token_file: Option<PathBuf>,
+    /// PEM client certificate chain for mTLS (with `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for mTLS (with `client_cert`).
+    pub client_key: Option<PathBuf>,
+    /// Allow an `http://` URL (a lab without TLS). Default false.
+    pub allow_plain_http: Option<bool>,
+    /// Connect timeout, ms (default 5,000).
+    pub connect_timeout_ms: Option<u64>,
+    /// Timeout for sending a request or reading a response, ms (default 30,000).
+    pub io_timeout_ms: Option<u64>,
+    /// Tries per pass before giving up until the next pass (default 5).
+    pub attempts: Option<u32>,
+    /// First backoff delay, ms (default 1,000); doubles per try, with jitter.
+    pub backoff_ms: Option<u64>,
+    /// Longest backoff delay, ms (default 60,000).
+    pub backoff_max_ms: Option<u64>,
+    /// Disk budget for audit records not yet upstream, KiB of record
+    /// bodies (default 1,048,576 = 1 GiB).
+    pub audit_budget_kib: Option<u64>,
+    /// Seconds between passes of `clinicbox sync` (default 60).
+    pub interval_secs: Option<u64>,
+    /// Tenant whose cache `sync` refreshes from upstream (sync down).
+    pub pull_tenant: Option<String>,
+    /// Resource types to refresh (default: none, no sync down).
+    pub pull_types: Option<Vec<String>>,
+}
+
+/// Validated `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// FHIR base URL, without a trailing slash.
+    pub url: String,
+    /// CA file.
+    pub ca_file: Option<PathBuf>,
+    /// Pinned server certificate.
+    pub pinned_cert: Option<PathBuf>,
+    /// Bearer token file.
+    pub token_file: Option<PathBuf>,
+    /// mTLS client certificate and key.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Plain HTTP allowed (and used).
+    pub plain_http: bool,
+    /// Connect timeout.
+    pub connect_timeout: std::time::Duration,
+    /// Send/receive timeout.
+    pub io_timeout: std::time::Duration,
+    /// Tries per pass.
+    pub attempts: u32,
+    /// First backoff delay.
+    pub backoff: std::time::Duration,
+    /// Longest backoff delay.
+    pub backoff_max: std::time::Duration,
+    /// Between passes.
+    pub interval: std::time::Duration,
+    /// Sync-down tenant and types.
+    pub pull: Option<(String, Vec<String>)>,
 }
 
 /// `[limits]` overrides.
@@ -54,6 +127,8 @@ pub struct Config {
     pub log_level: LevelFilter,
     /// Effective limits.
     pub limits: Limits,
+    /// The upstream server, if configured.
+    pub upstream: Option<Upstream>,
 }
 
 /// The config file is unusable.
@@ -186,12 +261,145 @@ impl Config {
                 limits.max_plugin_timeout_ms = v;
             }
         }
+        let upstream = match raw.upstream {
+            None => None,
+            Some(u) => Some(upstream(u, &mut limits).map_err(|(f, r)| field(f, r))?),
+        };
         Ok(Config {
             source,
             log_level,
             limits,
+            upstream,
         })
     }
+}
+
+/// Validates `[upstream]`; sets the audit budget in `limits`.
+fn upstream(u: RawUpstream, limits: &mut Limits) -> Result<Upstream, (&'static str, String)> {
+    let url = u.url.trim_end_matches('/').to_owned();
+    let plain = u.allow_plain_http.unwrap_or(false);
+    if let Some(rest) = url.strip_prefix("http://") {
+        if !plain {
+            return Err((
+                "upstream.url",
+                format!(
+                    "{url:?} is plain http; use https, or set upstream.allow_plain_http = true (a lab only)"
+                ),
+            ));
+        }
+        if rest.is_empty() {
+            return Err(("upstream.url", "has no host".into()));
+        }
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        if plain {
+            return Err((
+                "upstream.allow_plain_http",
+                "is set but the url is https; remove it".into(),
+            ));
+        }
+        if rest.is_empty() {
+            return Err(("upstream.url", "has no host".into()));
+        }
+    } else {
+        return Err(("upstream.url", format!("{url:?} is not an https:// URL")));
+    }
+    if u.ca_file.is_some() && u.pinned_cert.is_some() {
+        return Err((
+            "upstream.pinned_cert",
+            "give either ca_file or pinned_cert, not both".into(),
+        ));
+    }
+    let client_cert = match (u.client_cert, u.client_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(("upstream.client_key", "client_cert needs client_key".into()));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "upstream.client_cert",
+                "client_key needs client_cert".into(),
+            ));
+        }
+    };
+    let ms = |v: Option<u64>,
+              d: u64,
+              f: &'static str|
+     -> Result<std::time::Duration, (&'static str, String)> {
+        let v = v.unwrap_or(d);
+        if v == 0 || v > 3_600_000 {
+            return Err((f, format!("{v} is outside 1..=3600000")));
+        }
+        Ok(std::time::Duration::from_millis(v))
+    };
+    let attempts = u.attempts.unwrap_or(5);
+    if !(1..=100).contains(&attempts) {
+        return Err((
+            "upstream.attempts",
+            format!("{attempts} is outside 1..=100"),
+        ));
+    }
+    let budget = u.audit_budget_kib.unwrap_or(1024 * 1024);
+    if budget == 0 || budget > 1 << 40 {
+        return Err((
+            "upstream.audit_budget_kib",
+            format!("{budget} is outside 1..=2^40"),
+        ));
+    }
+    limits.audit_budget_bytes = Some(budget * 1024);
+    let pull = match (u.pull_tenant, u.pull_types) {
+        (Some(t), Some(types)) if !types.is_empty() => {
+            if !crate::fhir::is_valid_tenant(&t) {
+                return Err((
+                    "upstream.pull_tenant",
+                    format!("{t:?} is not a valid tenant id"),
+                ));
+            }
+            for ty in &types {
+                if !ty.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                    || !ty.chars().all(|c| c.is_ascii_alphanumeric())
+                {
+                    return Err((
+                        "upstream.pull_types",
+                        format!("{ty:?} is not a FHIR resource type"),
+                    ));
+                }
+            }
+            Some((t, types))
+        }
+        (None, None) => None,
+        (Some(_), _) => {
+            return Err((
+                "upstream.pull_types",
+                "pull_tenant needs a non-empty pull_types".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                "upstream.pull_tenant",
+                "pull_types needs pull_tenant".into(),
+            ));
+        }
+    };
+    Ok(Upstream {
+        url,
+        ca_file: u.ca_file,
+        pinned_cert: u.pinned_cert,
+        token_file: u.token_file,
+        client_cert,
+        plain_http: plain,
+        connect_timeout: ms(u.connect_timeout_ms, 5_000, "upstream.connect_timeout_ms")?,
+        io_timeout: ms(u.io_timeout_ms, 30_000, "upstream.io_timeout_ms")?,
+        attempts,
+        backoff: ms(u.backoff_ms, 1_000, "upstream.backoff_ms")?,
+        backoff_max: ms(u.backoff_max_ms, 60_000, "upstream.backoff_max_ms")?,
+        interval: ms(
+            u.interval_secs.map(|s| s.saturating_mul(1000)),
+            60_000,
+            "upstream.interval_secs",
+        )?,
+        pull,
+    })
 }
 
 #[cfg(test)]

@@ -28,3 +28,4 @@ pub mod limits;
 pub mod runtime;
 pub mod scopes;
 pub mod state;
+pub mod sync;

@@ -74,5 +74,14 @@ pub const MIGRATIONS: &[&str] = &[
         time        TEXT NOT NULL,
         PRIMARY KEY (source, size)
     ) STRICT;
+    -- sync down: per tenant and type, how far the cache is refreshed.
+    CREATE TABLE pull_cursors (
+        tenant        TEXT NOT NULL,
+        type          TEXT NOT NULL,
+        last_updated  TEXT,            -- everything up to here is in the cache
+        pending_max   TEXT,            -- newest seen in the chain in progress
+        next_url      TEXT,            -- where the chain in progress goes on
+        PRIMARY KEY (tenant, type)
+    ) STRICT;
     ",
 ];

@@ -166,3 +166,32 @@ pub fn at(conn: &Connection, size: i64) -> Result<Option<Checkpoint>> {
         .optional()?;
     Ok(c)
 }
+
+/// Keeps `c` as an anchor in `state.db` (`source`: `upstream` when upstream
+/// acknowledged a batch carrying it, `export` when it was exported).
+pub fn store_anchor(state: &Connection, c: &Checkpoint, source: &str) -> Result<()> {
+    state.execute(
+        "INSERT INTO audit_anchors (size, checkpoint, source, time) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(source, size) DO NOTHING",
+        params![c.size, serde_json::to_string(c)?, source, c.time],
+    )?;
+    Ok(())
+}
+
+/// The anchors kept in `state.db`, each with a description.
+pub fn anchors(state: &Connection) -> Result<Vec<(String, Checkpoint)>> {
+    let mut stmt = state.prepare("SELECT source, checkpoint FROM audit_anchors ORDER BY size")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (source, text) = row?;
+        let c: Checkpoint = serde_json::from_str(&text)
+            .with_context(|| format!("state.db: a stored {source} anchor is not a checkpoint"))?;
+        let what = match source.as_str() {
+            "upstream" => format!("the checkpoint at {} acknowledged by upstream", c.size),
+            _ => format!("the checkpoint at {} exported", c.size),
+        };
+        out.push((what, c));
+    }
+    Ok(out)
+}

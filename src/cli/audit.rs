@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 
 use super::{Ctx, NotFound};
@@ -78,7 +78,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
                 &ctx.dir.identity_pub(),
                 ctx.config.limits.max_key_file_bytes,
             )?;
-            let mut anchors = stored_anchors(ctx)?;
+            let mut anchors = checkpoint::anchors(&ctx.dir.open_state()?)?;
             for f in &checkpoints {
                 let text = fsutil::read_bounded(f, 64 * 1024)?;
                 let c: Checkpoint = serde_json::from_slice(&text)
@@ -189,35 +189,6 @@ fn summary(body: &str) -> String {
     parts.join(" ")
 }
 
-/// Checkpoints that left the box, from `state.db`.
-fn stored_anchors(ctx: &Ctx) -> Result<Vec<(String, Checkpoint)>> {
-    let state = ctx.dir.open_state()?;
-    let mut stmt = state.prepare("SELECT source, checkpoint FROM audit_anchors ORDER BY size")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (source, text) = row?;
-        let c: Checkpoint = serde_json::from_str(&text)
-            .with_context(|| format!("state.db: a stored {source} anchor is not a checkpoint"))?;
-        let what = match source.as_str() {
-            "upstream" => format!("the checkpoint at {} acknowledged by upstream", c.size),
-            _ => format!("the checkpoint at {} exported", c.size),
-        };
-        out.push((what, c));
-    }
-    Ok(out)
-}
-
-/// Keeps `c` as an anchor in `state.db`.
-pub fn store_anchor(state: &Connection, c: &Checkpoint, source: &str) -> Result<()> {
-    state.execute(
-        "INSERT INTO audit_anchors (size, checkpoint, source, time) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(source, size) DO NOTHING",
-        params![c.size, serde_json::to_string(c)?, source, c.time],
-    )?;
-    Ok(())
-}
-
 fn export(ctx: &Ctx, conn: &Connection, out: &PathBuf, from: i64, format: Format) -> Result<()> {
     let limits = &ctx.config.limits;
     let key = keys::read_secret(&ctx.dir.identity_key(), limits.max_key_file_bytes)?;
@@ -259,7 +230,7 @@ fn export(ctx: &Ctx, conn: &Connection, out: &PathBuf, from: i64, format: Format
         0o644,
         "audit-export",
     )?;
-    store_anchor(&ctx.dir.open_state()?, &cp, "export")?;
+    checkpoint::store_anchor(&ctx.dir.open_state()?, &cp, "export")?;
     #[derive(serde::Serialize)]
     struct Exported<'a> {
         records: u64,

@@ -13,6 +13,7 @@ mod fhir;
 mod init;
 mod key;
 mod plugin;
+mod sync;
 mod trust;
 
 use std::path::PathBuf;
@@ -79,6 +80,8 @@ pub enum Command {
     /// Read, export and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::Cmd),
+    /// Upload audit records to upstream and refresh the FHIR cache from it.
+    Sync(sync::Args),
     /// The local FHIR cache: import, read, search, stats.
     #[command(subcommand)]
     Fhir(fhir::Cmd),
@@ -226,5 +229,6 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Fhir(cmd) => fhir::run(&ctx, cmd),
         Command::Call(args) => call::run(&ctx, args),
         Command::Audit(cmd) => audit::run(&ctx, cmd),
+        Command::Sync(args) => sync::run(&ctx, args),
     }
 }

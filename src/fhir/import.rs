@@ -112,6 +112,18 @@ pub fn import_files(
     Ok(reports)
 }
 
+/// Imports one Bundle already in memory (a searchset page pulled from
+/// upstream, say), named `name` in errors.
+pub fn import_bundle_doc(
+    conn: &mut Connection,
+    name: &str,
+    doc: Value,
+    opts: &Options,
+) -> Result<FileReport> {
+    let tid = tenant_id(conn, &opts.tenant, true)?.context("tenant was just created")?;
+    import_bundle(conn, tid, name, doc, opts)
+}
+
 fn is_ndjson(p: &Path) -> bool {
     let n = p
         .file_name()

@@ -389,3 +389,4 @@ pub fn news2_call(patient: &str) -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
+pub mod upstream;
