@@ -15,8 +15,7 @@
 //!   transaction (group commit): one fsync covers them all, and each caller
 //!   still waits for its own record to be durable.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use anyhow::{Context, Result};
 use ed25519_dalek::SigningKey;
@@ -289,105 +288,96 @@ pub fn uuid_v4() -> String {
 }
 
 /// The shared, group-committing appender of one data dir's log.
+///
+/// One writer thread owns the write connection. Callers hand it their entry
+/// and block until it answers; it takes everything queued, appends it in one
+/// transaction (one fsync), and answers each caller. Each caller is woken
+/// exactly once, when its own record is durable.
 #[derive(Clone)]
 pub struct AuditLog {
-    inner: Arc<Inner>,
+    tx: mpsc::Sender<Request>,
+    read: Arc<Mutex<Connection>>,
+    signs: bool,
 }
+
+type Request = (Entry, mpsc::SyncSender<Result<Receipt, String>>);
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
-            .field("signs_checkpoints", &self.inner.key.is_some())
+            .field("signs_checkpoints", &self.signs)
             .finish_non_exhaustive()
     }
 }
 
-struct Inner {
-    conn: Mutex<Connection>,
-    key: Option<SigningKey>,
-    policy: Policy,
-    queue: Mutex<Queue>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct Queue {
-    pending: Vec<(u64, Entry)>,
-    next_ticket: u64,
-    leader: bool,
-    results: HashMap<u64, Result<Receipt, String>>,
-}
-
 impl AuditLog {
-    /// Opens the log of `dir`, with the appliance key for checkpoints.
+    /// Opens the log of `dir`, with the appliance key for checkpoints, and
+    /// starts its writer thread (which ends when the last clone is dropped).
     pub fn open(dir: &DataDir, limits: &Limits) -> Result<AuditLog> {
         let conn = dir.open_audit()?;
+        let read = dir.open_audit()?;
         let key = crate::keys::read_secret(&dir.identity_key(), limits.max_key_file_bytes)
             .map_err(|e| log::warn!("audit checkpoints will not be signed: {e}"))
             .ok();
+        let signs = key.is_some();
+        let policy = Policy::of(limits);
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer(conn, key, policy, rx))
+            .context("cannot start the audit writer thread")?;
         Ok(AuditLog {
-            inner: Arc::new(Inner {
-                conn: Mutex::new(conn),
-                key,
-                policy: Policy::of(limits),
-                queue: Mutex::new(Queue::default()),
-                done: Condvar::new(),
-            }),
+            tx,
+            read: Arc::new(Mutex::new(read)),
+            signs,
         })
     }
 
-    /// Appends `entry` and returns once it is durable. Concurrent callers
-    /// share one transaction: the first becomes the leader and commits
-    /// everything queued; the others wait for it.
+    /// Appends `entry` and returns once it is durable (group commit).
     pub fn append(&self, entry: Entry) -> Result<Receipt> {
-        let inner = &self.inner;
-        let mut q = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let ticket = q.next_ticket;
-        q.next_ticket += 1;
-        q.pending.push((ticket, entry));
-        loop {
-            if let Some(r) = q.results.remove(&ticket) {
-                return r.map_err(anyhow::Error::msg);
-            }
-            if q.leader {
-                q = inner.done.wait(q).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            q.leader = true;
-            let batch = std::mem::take(&mut q.pending);
-            drop(q);
-            let entries: Vec<Entry> = batch.iter().map(|(_, e)| e.clone()).collect();
-            let result = {
-                let conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner());
-                let signer = inner.key.as_ref().map(|key| Signer {
-                    key,
-                    policy: inner.policy,
-                });
-                append_batch(&conn, signer.as_ref(), &entries)
-            };
-            q = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-            match result {
-                Ok(receipts) => {
-                    for ((t, _), r) in batch.iter().zip(receipts) {
-                        q.results.insert(*t, Ok(r));
-                    }
-                }
-                Err(e) => {
-                    let msg = format!("cannot append to the audit log: {e:#}");
-                    for (t, _) in &batch {
-                        q.results.insert(*t, Err(msg.clone()));
-                    }
-                }
-            }
-            q.leader = false;
-            inner.done.notify_all();
-        }
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.tx
+            .send((entry, reply))
+            .map_err(|_| anyhow::anyhow!("the audit writer has stopped"))?;
+        answer
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the audit writer stopped before answering"))?
+            .map_err(anyhow::Error::msg)
     }
 
-    /// Runs `f` on the log's connection (reads, sync bookkeeping).
+    /// Runs `f` on a read connection to the log.
     pub fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.read.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn)
+    }
+}
+
+/// The writer thread: waits for one request, drains whatever else is
+/// queued, appends it all in one transaction, answers every caller.
+fn writer(conn: Connection, key: Option<SigningKey>, policy: Policy, rx: mpsc::Receiver<Request>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+            if batch.len() >= 10_000 {
+                break;
+            }
+        }
+        let (entries, replies): (Vec<Entry>, Vec<_>) = batch.into_iter().unzip();
+        let signer = key.as_ref().map(|key| Signer { key, policy });
+        match append_batch(&conn, signer.as_ref(), &entries) {
+            Ok(receipts) => {
+                for (reply, r) in replies.into_iter().zip(receipts) {
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                let msg = format!("cannot append to the audit log: {e:#}");
+                for reply in replies {
+                    let _ = reply.send(Err(msg.clone()));
+                }
+            }
+        }
     }
 }
 

@@ -109,6 +109,7 @@ pub const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
     CREATE TRIGGER log_no_delete BEFORE DELETE ON log
         BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+    CREATE INDEX log_unsealed ON log (seq) WHERE hash IS NULL;
     CREATE TABLE checkpoints (
         size    INTEGER PRIMARY KEY,              -- records covered
         root    BLOB NOT NULL,                    -- hash of record `size`

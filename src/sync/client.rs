@@ -164,8 +164,13 @@ impl Client {
     /// POSTs a FHIR document to the base URL (a batch Bundle) and returns
     /// the JSON answer of a 2xx.
     pub fn post_bundle(&self, bundle: &Value) -> Result<Value, SyncError> {
-        let url = format!("{}/", self.base);
         let body = serde_json::to_vec(bundle).map_err(|e| SyncError::Local(e.to_string()))?;
+        self.post_json(&body)
+    }
+
+    /// POSTs serialised JSON (a batch Bundle) to the base URL.
+    pub fn post_json(&self, body: &[u8]) -> Result<Value, SyncError> {
+        let url = format!("{}/", self.base);
         let mut req = self
             .agent
             .post(&url)
@@ -174,7 +179,7 @@ impl Client {
         if let Some(b) = &self.bearer {
             req = req.header("Authorization", b);
         }
-        let resp = req.send(&body[..]).map_err(|e| classify(&url, e))?;
+        let resp = req.send(body).map_err(|e| classify(&url, e))?;
         self.json_of(&url, resp)
     }
 

@@ -133,7 +133,8 @@ fn checkpoint_at_head(conn: &Connection, key: &SigningKey) -> anyhow::Result<Che
 }
 
 /// Sends batches until the cursor reaches the checkpoint's size (records
-/// appended after the pass began wait for the next pass).
+/// appended after the pass began wait for the next pass). While one batch
+/// is on the wire, the next is rendered on another thread.
 fn send_pending(
     conn: &Connection,
     client: &Client,
@@ -143,18 +144,41 @@ fn send_pending(
     report: &mut UploadReport,
 ) -> Result<(), SyncError> {
     let local = |e: anyhow::Error| SyncError::Local(format!("{e:#}"));
+    let render = |recs: &[log::Record]| serde_json::to_vec(&batch(recs, appliance, cp));
+    let mut prepared: Option<(i64, usize, Vec<u8>)> = None;
     loop {
         let (acked, _) = cursor(conn).map_err(local)?;
         if acked >= cp.size {
             return Ok(());
         }
-        let to = (acked + limits.sync_batch as i64).min(cp.size);
-        let recs = log::read_range(conn, acked + 1, to).map_err(local)?;
-        let bundle = batch(&recs, appliance, cp);
+        let (n, body) = match prepared.take() {
+            Some((from, n, body)) if from == acked + 1 => (n, body),
+            _ => {
+                let to = (acked + limits.sync_batch as i64).min(cp.size);
+                let recs = log::read_range(conn, acked + 1, to).map_err(local)?;
+                let body = render(&recs).map_err(|e| SyncError::Local(e.to_string()))?;
+                (recs.len(), body)
+            }
+        };
+        let last = acked + n as i64;
+        let next_recs = if last < cp.size {
+            let to = (last + limits.sync_batch as i64).min(cp.size);
+            log::read_range(conn, last + 1, to).map_err(local)?
+        } else {
+            Vec::new()
+        };
         report.batches += 1;
-        report.sent += recs.len() as u64;
-        let answer = client.post_bundle(&bundle)?;
-        let ok = acked_prefix(&answer, recs.len()).map_err(|reason| SyncError::Protocol {
+        report.sent += n as u64;
+        let (answer, next_body) = std::thread::scope(|s| {
+            let next = (!next_recs.is_empty()).then(|| s.spawn(|| render(&next_recs)));
+            let answer = client.post_json(&body);
+            (answer, next.map(|h| h.join()))
+        });
+        if let Some(Ok(Ok(b))) = next_body {
+            prepared = Some((last + 1, next_recs.len(), b));
+        }
+        let answer = answer?;
+        let ok = acked_prefix(&answer, n).map_err(|reason| SyncError::Protocol {
             url: client.base().to_owned(),
             reason,
         })?;
@@ -165,7 +189,7 @@ fn send_pending(
             )
             .map_err(|e| local(e.into()))?;
         }
-        if ok < recs.len() {
+        if ok < n {
             let e = &answer["entry"][ok]["response"];
             return Err(SyncError::Protocol {
                 url: client.base().to_owned(),

@@ -307,31 +307,31 @@ fn serve(
 }
 
 fn batch(body: &[u8], fail_at: Option<usize>, seen: &Mutex<Seen>) -> Value {
-    let b: Value = serde_json::from_slice(body).unwrap_or_default();
+    let mut b: Value = serde_json::from_slice(body).unwrap_or_default();
+    let checkpoint = b
+        .pointer("/signature/0/data")
+        .and_then(Value::as_str)
+        .and_then(|data| {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .ok()?;
+            serde_json::from_slice::<Value>(&bytes).ok()
+        });
+    let entries = match b["entry"].take() {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    };
     let mut s = seen.lock().unwrap();
     s.batches += 1;
-    if let Some(data) = b.pointer("/signature/0/data").and_then(Value::as_str) {
-        use base64::Engine as _;
-        if let Ok(cp) = base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()))
-        {
-            s.checkpoints.push(cp);
-        }
-    }
-    let mut out = Vec::new();
-    for (i, e) in b["entry"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
+    s.checkpoints.extend(checkpoint);
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, mut e) in entries.into_iter().enumerate() {
         let url = e
             .pointer("/request/url")
             .and_then(Value::as_str)
-            .unwrap_or("");
+            .unwrap_or("")
+            .to_owned();
         let ok = e.pointer("/request/method") == Some(&json!("PUT"))
             && url.starts_with("AuditEvent/")
             && fail_at != Some(i);
@@ -339,7 +339,7 @@ fn batch(body: &[u8], fail_at: Option<usize>, seen: &Mutex<Seen>) -> Value {
             let id = url.trim_start_matches("AuditEvent/").to_owned();
             let existed = s
                 .audit_events
-                .insert(id.clone(), e["resource"].clone())
+                .insert(id.clone(), e["resource"].take())
                 .is_some();
             *s.puts.entry(id).or_default() += 1;
             out.push(
