@@ -112,6 +112,7 @@ pub fn install_file(dir: &DataDir, path: &Path, limits: &Limits) -> Result<Insta
                 ),
             };
             report.decision = audit::record(
+                dir,
                 &audit_db,
                 &decision("install", &source, &facts, outcome, reason),
             )?;
@@ -130,6 +131,7 @@ pub fn install_file(dir: &DataDir, path: &Path, limits: &Limits) -> Result<Insta
         }
         Err(e) => {
             audit::record(
+                dir,
                 &audit_db,
                 &decision("install", &source, &facts, "rejected", format!("{e:#}")),
             )
@@ -177,6 +179,7 @@ pub fn rollback(dir: &DataDir, name: &str, limits: &Limits) -> Result<RollbackRe
         Ok((from, to)) => {
             let reason = format!("admin rollback from {from} to {to}");
             let seq = audit::record(
+                dir,
                 &audit_db,
                 &decision("rollback", name, &facts, "accepted", reason),
             )?;
@@ -189,6 +192,7 @@ pub fn rollback(dir: &DataDir, name: &str, limits: &Limits) -> Result<RollbackRe
         }
         Err(e) => {
             audit::record(
+                dir,
                 &audit_db,
                 &decision("rollback", name, &facts, "rejected", format!("{e:#}")),
             )?;
@@ -209,6 +213,7 @@ pub fn remove(dir: &DataDir, name: &str) -> Result<String> {
         Ok(version) => {
             facts.version = Some(version.clone());
             audit::record(
+                dir,
                 &audit_db,
                 &decision(
                     "remove",
@@ -222,6 +227,7 @@ pub fn remove(dir: &DataDir, name: &str) -> Result<String> {
         }
         Err(e) => {
             audit::record(
+                dir,
                 &audit_db,
                 &decision("remove", name, &facts, "rejected", format!("{e:#}")),
             )?;

@@ -46,6 +46,16 @@ fn busy_box() -> TestBox {
         Some(3)
     );
     b.ok(&["plugin", "install", example_bundle().to_str().unwrap()]);
+    // An administrator's read on the command line.
+    b.ok(&[
+        "fhir",
+        "search",
+        "--tenant",
+        "clinic-a",
+        "--patient",
+        "p0002",
+        "Observation?_count=1",
+    ]);
     b
 }
 
@@ -94,6 +104,7 @@ fn every_kind_of_record_is_chained_and_verifies() {
         "grant",
         "plugin.call",
         "host.access",
+        "fhir.access",
     ] {
         assert!(k.iter().any(|x| x == want), "no {want} record in {k:?}");
     }

@@ -351,6 +351,10 @@ fn a_week_offline_fails_closed_within_the_budget_and_recovers_everything() {
         .count();
     assert_eq!(refusals, refused);
     b.ok(&["audit", "verify"]);
+    // A read on the command line is refused too, and recorded.
+    let out = b.run(&["fhir", "read", "--tenant", "clinic-a", "Patient/p0002"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("fail-closed"));
     // Upstream is back: everything is delivered, and calls work again.
     up.faults.lock().unwrap().clear();
     b.ok(&["sync", "--once"]);

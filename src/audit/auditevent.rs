@@ -93,7 +93,7 @@ pub fn render(r: &Record, appliance: &str) -> Value {
     };
     let (outcome, desc) = outcome_of(r.kind.as_str(), &body);
     match r.kind.as_str() {
-        "host.access" => {
+        "host.access" | "fhir.access" => {
             let f = s(&body, "host_fn");
             let query = s(&body, "query");
             let (subtype, action, entity) = match f {
@@ -129,12 +129,24 @@ pub fn render(r: &Record, appliance: &str) -> Value {
             ev["type"] = coding(EVENT_TYPE, "rest", "Restful Operation");
             ev["subtype"] = json!([subtype]);
             ev["action"] = json!(action);
-            ev["agent"] = json!([plugin_agent(s(&body, "plugin"), ""), server]);
+            ev["agent"] = if r.kind == "fhir.access" {
+                json!([{
+                    "type": {"coding": [coding(PARTICIPATION, "IRCP", "information recipient")]},
+                    "who": {"display": s(&body, "requester")},
+                    "requestor": true
+                }, server])
+            } else {
+                json!([plugin_agent(s(&body, "plugin"), ""), server])
+            };
             ev["source"]["site"] = json!(s(&body, "tenant"));
-            ev["entity"] = json!([
-                patient_entity(s(&body, "tenant"), s(&body, "patient")),
-                entity
-            ]);
+            ev["entity"] = if s(&body, "patient").is_empty() {
+                json!([entity])
+            } else {
+                json!([
+                    patient_entity(s(&body, "tenant"), s(&body, "patient")),
+                    entity
+                ])
+            };
         }
         "plugin.call" => {
             ev["type"] = coding(EVENT_TYPE, "rest", "Restful Operation");

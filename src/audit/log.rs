@@ -180,6 +180,25 @@ pub fn append_one(conn: &Connection, signer: Option<&Signer>, entry: Entry) -> R
         .context("no receipt for the appended record")
 }
 
+/// Appends one entry and, when the checkpoint policy says one is due, signs
+/// a checkpoint with the appliance key of `dir` in the same transaction.
+pub fn append_signed(dir: &DataDir, conn: &Connection, entry: Entry) -> Result<Receipt> {
+    let limits = Limits::default();
+    match crate::keys::read_secret(&dir.identity_key(), limits.max_key_file_bytes) {
+        Ok(key) => {
+            let signer = Signer {
+                key: &key,
+                policy: Policy::of(&limits),
+            };
+            append_one(conn, Some(&signer), entry)
+        }
+        Err(e) => {
+            log::warn!("audit checkpoint not signed: {e}");
+            append_one(conn, None, entry)
+        }
+    }
+}
+
 /// The chain head: (seq, hash, cum_bytes) of the last sealed record, or
 /// (0, zeros, 0).
 pub fn head(conn: &Connection) -> Result<(i64, [u8; 32], i64)> {

@@ -208,7 +208,7 @@ pub struct Decision {
 
 /// Appends `d` as a `bundle.decision` record (its `seq` and `time` are
 /// assigned here), durably, and returns its seq.
-pub fn record(audit: &Connection, d: &Decision) -> Result<i64> {
+pub fn record(dir: &crate::datadir::DataDir, audit: &Connection, d: &Decision) -> Result<i64> {
     let body = serde_json::json!({
         "action": d.action,
         "source": d.source,
@@ -219,7 +219,7 @@ pub fn record(audit: &Connection, d: &Decision) -> Result<i64> {
         "outcome": d.outcome,
         "reason": d.reason,
     });
-    let receipt = log::append_one(audit, None, log::Entry::new("bundle.decision", &body))
+    let receipt = log::append_signed(dir, audit, log::Entry::new("bundle.decision", &body))
         .context("cannot record the bundle decision in audit.db")?;
     Ok(receipt.seq)
 }
@@ -232,9 +232,24 @@ pub fn note(
     body: &serde_json::Value,
 ) -> Result<i64> {
     let conn = dir.open_audit()?;
-    let receipt = log::append_one(&conn, None, log::Entry::new(kind, body))
+    let receipt = log::append_signed(dir, &conn, log::Entry::new(kind, body))
         .with_context(|| format!("cannot record the {kind} in audit.db"))?;
     Ok(receipt.seq)
+}
+
+/// When the records not yet acknowledged upstream exceed the disk budget,
+/// the reason PHI-returning work must be refused (fail closed); `None`
+/// when within budget or when there is no budget (no upstream).
+pub fn over_budget(audit: &Connection, limits: &crate::limits::Limits) -> Result<Option<String>> {
+    let Some(budget) = limits.audit_budget_bytes else {
+        return Ok(None);
+    };
+    let (records, bytes) = log::backlog_bytes(audit)?;
+    Ok((bytes as u64 > budget).then(|| {
+        format!(
+            "fail-closed: {records} audit records ({bytes} bytes) are not yet upstream, over the disk budget of {budget} bytes; requests that return patient data are refused until the log syncs"
+        )
+    }))
 }
 
 /// The newest `limit` decisions, oldest first.

@@ -79,6 +79,50 @@ pub struct ScopeArgs {
     scopes: Vec<String>,
 }
 
+/// Who is asking on the command line, for the audit record.
+fn requester() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    )
+}
+
+/// Records a `fhir.access` (durable before anything is printed).
+fn record_access(
+    ctx: &Ctx,
+    scope: &ScopeArgs,
+    action: &str,
+    query: &str,
+    ok: bool,
+    detail: &str,
+) -> Result<()> {
+    crate::audit::note(
+        &ctx.dir,
+        "fhir.access",
+        &serde_json::json!({
+            "action": action,
+            "host_fn": if action == "read" { "fhir_read" } else { "fhir_search" },
+            "requester": requester(),
+            "tenant": scope.tenant,
+            "patient": scope.patient,
+            "query": query,
+            "outcome": if ok { "ok" } else { "denied" },
+            "detail": detail,
+        }),
+    )?;
+    Ok(())
+}
+
+/// Refuses (and records the refusal) when the audit backlog is over budget.
+fn fail_closed(ctx: &Ctx, scope: &ScopeArgs, action: &str, query: &str) -> Result<()> {
+    let reason = crate::audit::over_budget(&ctx.dir.open_audit()?, &ctx.config.limits)?;
+    if let Some(reason) = reason {
+        record_access(ctx, scope, action, query, false, &reason)?;
+        return Err(crate::runtime::CallError::Refused(reason).into());
+    }
+    Ok(())
+}
+
 impl ScopeArgs {
     fn parsed(&self) -> Result<Vec<Scope>> {
         self.scopes
@@ -140,15 +184,28 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             let conn = fhir::open(&ctx.dir)?;
             let scopes = scope.parsed()?;
             let sctx = context(&scope, &scopes);
-            let json = search::read(&conn, &sctx, &reference)?;
-            ctx.out.raw(&json)
+            fail_closed(ctx, &scope, "read", &reference)?;
+            let result = search::read(&conn, &sctx, &reference);
+            let detail = match &result {
+                Ok(_) => "1 resource".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            record_access(ctx, &scope, "read", &reference, result.is_ok(), &detail)?;
+            ctx.out.raw(&result?)
         }
         Cmd::Search { scope, query } => {
             let conn = fhir::open(&ctx.dir)?;
             let scopes = scope.parsed()?;
             let sctx = context(&scope, &scopes);
             let q = search::parse(&query, limits)?;
-            let bundle = search::search(&conn, &sctx, &q)?;
+            fail_closed(ctx, &scope, "search", &query)?;
+            let result = search::search(&conn, &sctx, &q);
+            let detail = match &result {
+                Ok(b) => format!("{} resources", b.total),
+                Err(e) => e.to_string(),
+            };
+            record_access(ctx, &scope, "search", &query, result.is_ok(), &detail)?;
+            let bundle = result?;
             let text = serde_json::to_string(&bundle)?;
             ctx.out.emit(&bundle, || text)
         }

@@ -428,15 +428,12 @@ impl Runtime {
                 reason,
             });
         }
-        if let Some(budget) = self.env.limits.audit_budget_bytes {
-            let (records, bytes) =
-                conns::with(&self.env.dir, Db::Audit, crate::audit::log::backlog_bytes)
-                    .map_err(|e| CallError::Refused(format!("{e:#}")))?;
-            if bytes as u64 > budget {
-                return Err(CallError::Refused(format!(
-                    "fail-closed: {records} audit records ({bytes} bytes) are not yet upstream, over the disk budget of {budget} bytes; calls that return patient data are refused until the log syncs"
-                )));
-            }
+        let closed = conns::with(&self.env.dir, Db::Audit, |audit| {
+            crate::audit::over_budget(audit, &self.env.limits)
+        })
+        .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+        if let Some(reason) = closed {
+            return Err(CallError::Refused(reason));
         }
         let loaded = self.current(&req.plugin)?;
         rec.version = loaded.version.clone();

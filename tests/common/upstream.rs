@@ -32,7 +32,7 @@ pub enum Fault {
     EntryFails(usize),
     /// The request is read, then nothing is answered for `Duration`.
     Hang(Duration),
-    /// The connection is dropped right after the request is read.
+    /// The connection is reset (TCP RST) right after the request is read.
     Reset,
     /// The batch is stored, then the connection is dropped: committed, but
     /// the response is lost.
@@ -275,7 +275,11 @@ fn serve(
             std::thread::sleep(*d);
             return Ok(());
         }
-        (Some(Fault::Reset), _) => return Ok(()),
+        (Some(Fault::Reset), _) => {
+            // SO_LINGER 0: closing sends a TCP RST, not a FIN.
+            socket2::SockRef::from(&tls.sock).set_linger(Some(Duration::ZERO))?;
+            return Ok(());
+        }
         (_, "POST") => {
             let fail_at = match fault {
                 Some(Fault::EntryFails(n)) => Some(n),
