@@ -312,7 +312,7 @@ fn config_errors_name_the_field_and_exit_5() {
 }
 
 #[test]
-fn demo_installs_the_example_bundle_and_is_idempotent() {
+fn demo_runs_the_whole_walkthrough_and_is_idempotent() {
     let tmp = tempfile::tempdir().unwrap();
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_clinicbox"))
@@ -322,14 +322,28 @@ fn demo_installs_the_example_bundle_and_is_idempotent() {
             .output()
             .unwrap()
     };
+    let mut records = 0;
     for round in 0..2 {
         let out = run();
         assert!(out.status.success(), "round {round}: {}", stderr(&out));
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let list = &v["plugins"];
         assert_eq!(list[0]["name"], "acme/allergy-check");
         assert_eq!(list[0]["version"], "0.1.0");
         assert_eq!(list[1]["name"], "acme/news2");
         assert_eq!(list[1]["version"], "0.2.1");
+        assert_eq!(v["risk_assessment"]["resourceType"], "RiskAssessment");
+        assert_eq!(
+            v["risk_assessment"]["subject"]["reference"],
+            "Patient/p0002"
+        );
+        // The audit log verifies and grows on each run (a new call).
+        let n = v["audit"]["records"].as_i64().unwrap();
+        assert!(n > records, "round {round}: {n} records");
+        records = n;
+        if round == 1 {
+            assert!(stderr(&out).contains("already installed, nothing changed"));
+        }
     }
     assert!(tmp.path().join("clinicbox-demo/state.db").is_file());
 }

@@ -189,8 +189,8 @@ pub fn render(r: &Record, appliance: &str) -> Value {
                 coding(DCM, "110100", "Application Activity")
             };
             ev["action"] = json!(match s(&body, "action") {
-                "install" | "grant" | "import" => "C",
-                "remove" | "ungrant" => "D",
+                "install" | "grant" | "import" | "add" => "C",
+                "remove" | "ungrant" | "revoke" => "D",
                 "rollback" | "enable" => "U",
                 _ => "E",
             });

@@ -1,8 +1,11 @@
 //! `clinicbox demo`: the main job on embedded defaults, for a newcomer.
 //!
 //! Inits a data dir under `./`, trusts the embedded dev vendor key for the
-//! `acme/` namespace, installs the embedded example bundles and lists the
-//! installed plugins. Running it again changes nothing (every step is
+//! `acme/` namespace, installs the embedded example bundles, imports a small
+//! synthetic patient set for tenant `clinic-a`, grants NEWS2 its
+//! vital-signs scope, scores one patient through the sandboxed plugin, and
+//! verifies the audit log that recorded all of it. Running it again changes
+//! nothing but adding the new call's audit records (every other step is
 //! idempotent). The embedded files are the ones in `update-bundles/`.
 
 use std::path::PathBuf;
@@ -10,10 +13,19 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::Ctx;
+use crate::audit::{checkpoint, verify};
+use crate::bundle::manifest::Manifest;
 use crate::bundle::store;
 use crate::bundle::trust::{self, Namespace};
 use crate::datadir::DataDir;
-use crate::{admin, clock, fsutil, keys};
+use crate::fhir::{import, synth};
+use crate::runtime::{CallRequest, Runtime, grants};
+use crate::scopes::Scope;
+use crate::{admin, bundle, clock, fsutil, keys};
+
+const TENANT: &str = "clinic-a";
+const PATIENT: &str = "p0002";
+const NEWS2_SCOPE: &str = "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|vital-signs";
 
 /// The dev vendor's public key (test only), as in update-bundles/.
 pub const DEV_VENDOR_PUB: &str = include_str!("../../update-bundles/dev-vendor.pub");
@@ -42,7 +54,7 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let dir = DataDir::new(&args.dir);
     let init = dir.init()?;
     eprintln!(
-        "1/4 data dir {} ready (appliance key {})",
+        "1/7 data dir {} ready (appliance key {})",
         init.data_dir,
         &init.identity_key_id[..16]
     );
@@ -58,8 +70,13 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
         "dev vendor (TEST ONLY)",
         now,
     )?;
+    crate::audit::note(
+        &dir,
+        "trust",
+        &serde_json::json!({"action": "add", "key_id": added.key_id, "comment": "dev vendor (TEST ONLY)", "thresholds": added.thresholds}),
+    )?;
     eprintln!(
-        "2/4 trusted dev vendor key {} for acme/",
+        "2/7 trusted dev vendor key {} for acme/",
         &added.key_id[..16]
     );
 
@@ -72,26 +89,108 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
             store::InstallOutcome::Installed => "verified and installed",
             store::InstallOutcome::AlreadyInstalled => "already installed, nothing changed",
         };
-        eprintln!("3/4 {} {}: {what}", r.plugin, r.version);
+        eprintln!("3/7 {} {}: {what}", r.plugin, r.version);
     }
 
     let plugins = store::list(&dir, &dir.open_state()?)?;
-    eprintln!("4/4 installed plugins:");
-    ctx.out.emit(&plugins, || {
-        let mut s = String::new();
-        for p in &plugins {
-            s += &format!(
-                "  {} {}  manifest {}  file {}\n",
-                p.name,
-                p.version,
-                &p.digest[..16],
-                p.file
-            );
-        }
-        s += &format!(
-            "\nnext: clinicbox --data-dir {} plugin history",
-            args.dir.display()
-        );
-        s
+    for p in &plugins {
+        eprintln!("    {} {}  manifest {}", p.name, p.version, &p.digest[..16]);
+    }
+
+    // A small synthetic clinic: 3 patients, 120 resources each.
+    let spec = synth::SynthSpec {
+        tenants: vec![TENANT.into()],
+        patients_per_tenant: 3,
+        resources_per_patient: 120,
+        ..synth::SynthSpec::default()
+    };
+    let mut entries = Vec::new();
+    synth::generate(&spec, |_, r| {
+        entries.push(serde_json::json!({"resource": r}))
+    });
+    let n = entries.len();
+    let doc = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
+    let opts = import::Options {
+        tenant: TENANT.into(),
+        strict: true,
+        now_ms: clock::system_now()?.unix_timestamp() * 1000,
+        progress: None,
+    };
+    let report = import::import_bundle_doc(
+        &mut crate::fhir::open(&dir)?,
+        "synthetic patients",
+        doc,
+        &opts,
+    )?;
+    crate::audit::note(
+        &dir,
+        "fhir.import",
+        &serde_json::json!({"action": "import", "tenant": TENANT, "files": [report]}),
+    )?;
+    eprintln!("4/7 imported {n} synthetic resources (3 patients) for tenant {TENANT}");
+
+    let manifest_json: String = dir.open_state()?.query_row(
+        "SELECT v.manifest FROM plugins p JOIN plugin_versions v ON v.digest = p.current WHERE p.name = 'acme/news2'",
+        [],
+        |r| r.get(0),
+    )?;
+    let manifest = Manifest::parse(manifest_json.as_bytes(), &ctx.config.limits)?;
+    let scope: Scope = NEWS2_SCOPE.parse()?;
+    let now = bundle::manifest::format_time(clock::trusted_now(&dir.open_audit()?)?);
+    grants::grant(
+        &mut dir.open_state()?,
+        TENANT,
+        "acme/news2",
+        &manifest,
+        &[scope],
+        &now,
+    )?;
+    crate::audit::note(
+        &dir,
+        "grant",
+        &serde_json::json!({"action": "grant", "tenant": TENANT, "plugin": "acme/news2", "scopes": [NEWS2_SCOPE]}),
+    )?;
+    eprintln!("5/7 granted acme/news2 {NEWS2_SCOPE} for {TENANT}");
+
+    let rt = Runtime::new(dir.clone(), ctx.config.limits.clone())?;
+    let out = rt.call(&CallRequest {
+        tenant: TENANT.into(),
+        patient: PATIENT.into(),
+        requester: "demo".into(),
+        purpose: "TREAT".into(),
+        plugin: "acme/news2".into(),
+        function: "news2_latest".into(),
+        input: b"{}".to_vec(),
+    })?;
+    let ra: serde_json::Value = serde_json::from_slice(&out.output)?;
+    let score = ra
+        .pointer("/prediction/0/outcome/text")
+        .and_then(|v| v.as_str())
+        .unwrap_or("?");
+    eprintln!(
+        "6/7 acme/news2 news2_latest for {PATIENT}: RiskAssessment, risk {score}, from {} observations (call {})",
+        ra["basis"].as_array().map_or(0, Vec::len),
+        out.call_id
+    );
+    drop(rt);
+
+    let key = keys::read_public(&dir.identity_pub(), ctx.config.limits.max_key_file_bytes)?;
+    let verified = verify::verify(
+        &dir.open_audit()?,
+        &key,
+        &checkpoint::anchors(&dir.open_state()?)?,
+    )??;
+    eprintln!(
+        "7/7 audit log verified: {} records, chain head {}",
+        verified.records,
+        &verified.head[..16]
+    );
+    ctx.out.emit(&serde_json::json!({"plugins": plugins, "risk_assessment": ra, "audit": verified}), || {
+        format!(
+            "{}\n\nnext, try:\n  clinicbox --data-dir {d} audit tail\n  clinicbox --data-dir {d} audit show {} --format fhir\n  clinicbox --data-dir {d} plugin calls --accesses",
+            serde_json::to_string_pretty(&ra).unwrap_or_default(),
+            verified.records,
+            d = args.dir.display()
+        )
     })
 }

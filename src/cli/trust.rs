@@ -82,6 +82,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
                     .unwrap_or_default()
             });
             let r = trust::add(&mut state, &vk, &namespaces, threshold, &comment, now)?;
+            crate::audit::note(
+                &ctx.dir,
+                "trust",
+                &serde_json::json!({"action": "add", "key_id": r.key_id, "comment": comment, "thresholds": r.thresholds}),
+            )?;
             ctx.out.emit(&r, || {
                 let t: Vec<String> = r
                     .thresholds
@@ -138,6 +143,11 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             let mut state = ctx.dir.open_state()?;
             let now = clock::trusted_now(&ctx.dir.open_audit()?)?;
             let id = trust::revoke(&mut state, &key_id, now)?;
+            crate::audit::note(
+                &ctx.dir,
+                "trust",
+                &serde_json::json!({"action": "revoke", "key_id": id.to_string()}),
+            )?;
             ctx.out
                 .emit(&serde_json::json!({"revoked": id.to_string()}), || {
                     format!("revoked key {id}; its signatures no longer count")
