@@ -33,18 +33,10 @@ fn kill_9_at_random_points_loses_no_acknowledged_record_and_duplicates_nothing()
     let rounds = 200;
     for round in 0..rounds {
         let mut call = b.cmd();
-        call.args([
-            "--json",
-            "call",
-            "--tenant",
-            "clinic-a",
-            "--patient",
-            "p0002",
-            "acme/news2",
-            "news2_latest",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        call.arg("--json")
+            .args(news2_call("p0002"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         let mut sync = b.cmd();
         sync.args(["sync", "--once"])
             .stdout(Stdio::null())

@@ -21,18 +21,10 @@ use serde_json::Value;
 fn busy_box() -> TestBox {
     let b = news2_box(3, false);
     // A denied call (no grant yet): the call and its denied access.
-    assert_eq!(b.run(&as_str(&news2_call("p0002"))).status.code(), Some(7));
-    b.ok(&[
-        "plugin",
-        "grant",
-        "--tenant",
-        "clinic-a",
-        "acme/news2",
-        NEWS2_VITALS,
-    ]);
+    assert_eq!(b.call_news2("p0002").status.code(), Some(7));
+    b.grant_news2();
     for _ in 0..8 {
-        let p = "p0002";
-        b.ok(&as_str(&news2_call(p)));
+        assert!(b.call_news2("p0002").status.success());
     }
     // A rejected bundle and a no-op reinstall.
     let mut bytes = std::fs::read(example_bundle()).unwrap();
@@ -57,10 +49,6 @@ fn busy_box() -> TestBox {
         "Observation?_count=1",
     ]);
     b
-}
-
-fn as_str(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 fn kinds(b: &TestBox) -> Vec<String> {

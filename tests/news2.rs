@@ -12,18 +12,8 @@ use serde_json::Value;
 #[test]
 fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
     let b = news2_box(3, false);
-    let call = [
-        "call",
-        "--tenant",
-        "clinic-a",
-        "--patient",
-        "p0002",
-        "acme/news2",
-        "news2_latest",
-    ];
-
     // Without a grant the plugin's search is denied, and the call fails.
-    let denied = b.run(&call);
+    let denied = b.call_news2("p0002");
     assert_eq!(denied.status.code(), Some(7));
     assert!(
         stderr(&denied).contains("fhir_search refused: fhir_search is not linked"),
@@ -31,15 +21,8 @@ fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
         stderr(&denied)
     );
 
-    b.ok(&[
-        "plugin",
-        "grant",
-        "--tenant",
-        "clinic-a",
-        "acme/news2",
-        NEWS2_VITALS,
-    ]);
-    let ra: Value = serde_json::from_str(&b.ok(&call)).unwrap();
+    b.grant_news2();
+    let ra: Value = serde_json::from_str(&b.ok(&as_refs(&news2_call("p0002")))).unwrap();
     assert_eq!(ra["resourceType"], "RiskAssessment");
     assert_eq!(ra["subject"]["reference"], "Patient/p0002");
     let basis = ra["basis"].as_array().unwrap();
@@ -74,7 +57,7 @@ fn news2_latest_scores_one_patients_latest_vitals_through_the_grant() {
     let calls = calls.as_array().unwrap();
     assert_eq!(calls.len(), 2);
     // A call after the cache was deleted still works (it recompiles).
-    b.ok(&call);
+    assert!(b.call_news2("p0002").status.success());
     assert_eq!(calls[0]["call"]["outcome"], "error");
     assert_eq!(calls[0]["accesses"][0]["outcome"], "denied");
     assert_eq!(calls[1]["call"]["outcome"], "ok");

@@ -67,10 +67,6 @@ fn make_records(b: &TestBox, calls: usize) {
     }
 }
 
-fn as_refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 #[test]
 fn every_upload_fault_ends_with_upstream_holding_exactly_the_local_records() {
     let b = news2_box(3, true);

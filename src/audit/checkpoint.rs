@@ -12,7 +12,7 @@
 
 use anyhow::{Context, Result};
 use ed25519_dalek::{Signature, Signer as _, VerifyingKey};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -149,22 +149,7 @@ fn all_where(conn: &Connection, tail: &str) -> Result<Vec<Checkpoint>> {
 
 /// The checkpoint at exactly `size`, if one was signed.
 pub fn at(conn: &Connection, size: i64) -> Result<Option<Checkpoint>> {
-    let c = conn
-        .query_row(
-            "SELECT size, root, time, key_id, sig FROM checkpoints WHERE size = ?1",
-            [size],
-            |r| {
-                Ok(Checkpoint {
-                    size: r.get(0)?,
-                    root: hex::encode(r.get::<_, Vec<u8>>(1)?),
-                    time: r.get(2)?,
-                    key_id: r.get(3)?,
-                    sig: hex::encode(r.get::<_, Vec<u8>>(4)?),
-                })
-            },
-        )
-        .optional()?;
-    Ok(c)
+    Ok(all_where(conn, &format!("WHERE size = {size}"))?.pop())
 }
 
 /// Keeps `c` as an anchor in `state.db` (`source`: `upstream` when upstream

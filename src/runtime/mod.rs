@@ -336,7 +336,7 @@ impl Runtime {
     /// Runs one call and records it.
     pub fn call(&self, req: &CallRequest) -> Result<CallOutput, CallError> {
         let started = Instant::now();
-        let call_id = uuid_v4();
+        let call_id = crate::audit::log::uuid_v4();
         let mut rec = record::CallRecord {
             call_id: call_id.clone(),
             time: format_time(time::OffsetDateTime::now_utc()),
@@ -604,20 +604,4 @@ fn describe(e: &host::Failure, m: &Manifest) -> String {
         F::Trap(t) => format!("trapped: {t}; instance discarded"),
         F::OutputTooLarge(..) | F::Guest(_) | F::Host(_) => e.to_string(),
     }
-}
-
-fn uuid_v4() -> String {
-    let mut b = [0u8; 16];
-    let _ = getrandom::fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }

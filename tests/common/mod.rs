@@ -363,7 +363,15 @@ pub fn news2_box(patients: u32, grant: bool) -> TestBox {
     }
     b.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     if grant {
-        b.ok(&[
+        b.grant_news2();
+    }
+    b
+}
+
+impl TestBox {
+    /// Grants NEWS2 its vital-signs scope for clinic-a.
+    pub fn grant_news2(&self) {
+        self.ok(&[
             "plugin",
             "grant",
             "--tenant",
@@ -372,7 +380,16 @@ pub fn news2_box(patients: u32, grant: bool) -> TestBox {
             NEWS2_VITALS,
         ]);
     }
-    b
+
+    /// Runs `clinicbox call … acme/news2 news2_latest` for `patient`.
+    pub fn call_news2(&self, patient: &str) -> Output {
+        self.run(&as_refs(&news2_call(patient)))
+    }
+}
+
+/// `&str`s of owned arguments.
+pub fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 /// `clinicbox call` arguments for NEWS2 on one patient.
