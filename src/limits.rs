@@ -60,12 +60,6 @@ pub struct Limits {
     pub search_max_count: usize,
     /// Longest search query string, in bytes (default 8 KiB).
     pub search_max_query_bytes: usize,
-    /// Fuel (wasm instructions, roughly) a plugin may burn per millisecond
-    /// of its `timeout_ms` (default 1,000,000). The time limit is enforced
-    /// as this per-call fuel budget, which belongs to the one instance, so a
-    /// runaway plugin can never interrupt another (an epoch-based timeout
-    /// would stop every instance sharing the engine).
-    pub fuel_per_ms: u64,
     /// Largest output a plugin call may return, in bytes (default 1 MiB).
     pub max_output_bytes: usize,
     /// Largest argument of a host function call, in bytes (default 64 KiB).
@@ -133,7 +127,6 @@ impl Default for Limits {
             max_config_bytes: 1024 * 1024,
             max_manifest_source_bytes: 64 * 1024,
             max_threshold: 16,
-            fuel_per_ms: 1_000_000,
             max_output_bytes: 1024 * 1024,
             max_host_arg_bytes: 64 * 1024,
             max_host_calls_per_call: 256,

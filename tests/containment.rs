@@ -146,7 +146,7 @@ fn every_hostile_case_ends_with_its_own_error_and_the_host_lives_on() {
     log::set_max_level(log::LevelFilter::Info);
     assert_eq!(call(&rt, "p1", "ok", "").unwrap(), "ok", "control");
     for (function, want) in [
-        ("spin", "exceeded its time budget (50 ms, enforced as fuel)"),
+        ("spin", "exceeded its time limit (50 ms)"),
         ("grow", "memory limit reached (16 MiB)"),
         ("recurse", "stack overflow"),
         ("trap", "trapped"),
@@ -155,7 +155,7 @@ fn every_hostile_case_ends_with_its_own_error_and_the_host_lives_on() {
             "huge_output",
             "output is 8388608 bytes, over the limit of 1048576",
         ),
-        ("logspam", "exceeded its time budget"),
+        ("logspam", "exceeded its time limit"),
         ("fail", "failed: ok"),
     ] {
         let err = call(&rt, "p1", function, "").expect_err(function);
@@ -482,7 +482,7 @@ fn a_hostile_rust_plugin_is_contained_too() {
     };
     for (function, want) in [
         ("panic", "trapped"),
-        ("log_spam", "exceeded its time budget"),
+        ("log_spam", "exceeded its time limit"),
         ("huge", "memory limit reached (16 MiB)"),
     ] {
         let err = call("p1", function, "boom").expect_err(function);

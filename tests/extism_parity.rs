@@ -23,7 +23,7 @@ fn ours(wasm: &[u8], exports: &[&str]) -> Instance {
         &InstanceLimits {
             plugin: "test/parity".into(),
             memory_bytes: 16 << 20,
-            fuel: 1_000_000_000,
+            timeout: std::time::Duration::from_secs(10),
             table_elements: 10_000,
             log_bytes_per_call: 16 * 1024,
             log_line_bytes: 2048,

@@ -5,9 +5,11 @@
 //! `extism-pdk` and run unchanged under the `extism` crate, which the tests
 //! use as the reference), but drives the call itself. `extism::Plugin::call`
 //! sends two messages to a global timer thread on every call, which costs
-//! about 2 µs and serialises threads; this path has no timer and no epoch:
-//! the time limit is fuel, which belongs to the one store, so one plugin's
-//! timeout can never interrupt another (docs/plugin-abi.md, "The host").
+//! about 2 µs and serialises threads, and its timeouts bump the epoch of
+//! the engine shared by every plugin, which stops sibling calls too. Here
+//! one ticker thread advances the engine's epoch every [`TICK`], and each
+//! call sets its own store's deadline that many ticks ahead: a plugin that
+//! runs past its time traps alone (docs/plugin-abi.md, "The host").
 //!
 //! The kernel is Extism 1.30.0's own `extism-runtime.wasm` (BSD-3-Clause,
 //! Dylibso), vendored byte for byte as `extism-kernel.wasm`; its sha256 is
@@ -41,6 +43,9 @@ use crate::limits::Limits;
 
 /// The Extism kernel (Extism 1.30.0 `src/extism-runtime.wasm`).
 const KERNEL: &[u8] = include_bytes!("extism-kernel.wasm");
+/// The epoch tick: the granularity of plugin time limits.
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// sha256 of [`KERNEL`], as shipped in the `extism` 1.30.0 crate.
 pub const KERNEL_SHA256: &str = "d1389b31abecf23eec65b4430d86f99f736aeb05c40948dbbe2f88cb17815803";
 
@@ -52,13 +57,13 @@ pub struct HostEngine {
 }
 
 impl HostEngine {
-    /// An engine with fuel metering and the given stack limit. With
-    /// `cache_dir`, compiled code is kept there (never in `$HOME`).
+    /// An engine with epoch interruption (and its ticker thread, which ends
+    /// with the engine) and the given stack limit. With `cache_dir`,
+    /// compiled code is kept there (never in `$HOME`).
     pub fn new(limits: &Limits, cache_dir: Option<&std::path::Path>) -> Result<HostEngine> {
         let mut config = Config::new();
         config
-            .consume_fuel(true)
-            .epoch_interruption(false)
+            .epoch_interruption(true)
             .max_wasm_stack(limits.max_wasm_stack_bytes);
         if let Some(dir) = cache_dir {
             let mut cc = wasmtime::CacheConfig::new();
@@ -71,6 +76,19 @@ impl HostEngine {
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("cannot create the wasm engine")?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    match weak.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .context("cannot start the epoch ticker")?;
         let kernel = Module::new(&engine, KERNEL)
             .map_err(anyhow::Error::from)
             .context("cannot compile the Extism kernel")?;
@@ -90,8 +108,8 @@ pub struct InstanceLimits {
     pub plugin: String,
     /// Memory budget over all memories, in bytes.
     pub memory_bytes: usize,
-    /// Fuel per call (the time limit).
-    pub fuel: u64,
+    /// Time limit per call.
+    pub timeout: std::time::Duration,
     /// Table elements.
     pub table_elements: usize,
     /// Log bytes per call.
@@ -194,9 +212,9 @@ pub enum Failure {
     /// The guest reported an error (Extism `error_set`) or a non-zero code.
     #[error("{0}")]
     Guest(String),
-    /// The fuel (time) budget ran out.
-    #[error("out of fuel")]
-    OutOfFuel,
+    /// The call ran past its time limit.
+    #[error("time limit")]
+    Timeout,
     /// A memory grow was refused by the budget.
     #[error("memory limit")]
     Memory,
@@ -219,7 +237,7 @@ pub struct Instance {
     store: Store<State>,
     kernel: Kernel,
     funcs: Vec<(String, TypedFunc<(), i32>)>,
-    fuel: u64,
+    ticks: u64,
     /// Log bytes dropped over the cap in the last call.
     pub dropped_log_bytes: u64,
 }
@@ -254,7 +272,9 @@ impl Instance {
         };
         let mut store = Store::new(&engine.engine, state);
         store.limiter(|s| &mut s.budget);
-        store.set_fuel(lim.fuel)?;
+        let ticks = deadline_ticks(lim.timeout);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks);
         let k = WasmInstance::new(&mut store, &engine.kernel, &[])
             .map_err(anyhow::Error::from)
             .context("cannot instantiate the Extism kernel")?;
@@ -325,7 +345,7 @@ impl Instance {
             store,
             kernel,
             funcs,
-            fuel: lim.fuel,
+            ticks,
             dropped_log_bytes: 0,
         })
     }
@@ -346,7 +366,7 @@ impl Instance {
             .map(|(_, f)| f.clone())
             .ok_or_else(|| Failure::Host(format!("no export {function:?}")))?;
         let host = |e: wasmtime::Error| Failure::Host(format!("{e:#}"));
-        self.store.set_fuel(self.fuel).map_err(host)?;
+        self.store.set_epoch_deadline(self.ticks);
         {
             let log = &mut self.store.data_mut().log;
             log.left = log.per_call;
@@ -395,19 +415,22 @@ impl Instance {
     }
 
     fn classify(&mut self, e: wasmtime::Error) -> Failure {
-        if self.store.get_fuel().is_ok_and(|f| f == 0) {
-            return Failure::OutOfFuel;
-        }
         if self.store.data().budget.hit {
             return Failure::Memory;
         }
         match e.downcast_ref::<Trap>() {
             Some(Trap::StackOverflow) => Failure::StackOverflow,
-            Some(Trap::OutOfFuel) => Failure::OutOfFuel,
+            Some(Trap::Interrupt) => Failure::Timeout,
             Some(t) => Failure::Trap(t.to_string()),
             None => Failure::Host(format!("{e:#}")),
         }
     }
+}
+
+/// Epoch ticks for `timeout`, rounded up, plus one: the current tick may
+/// be nearly over when the call starts.
+fn deadline_ticks(timeout: std::time::Duration) -> u64 {
+    (timeout.as_micros().div_ceil(TICK.as_micros()) as u64).saturating_add(1)
 }
 
 /// Reads the kernel block at `off` (at most `cap` bytes).

@@ -10,8 +10,8 @@
 //!   pool, hot swap, and the call path.
 //!
 //! Invariants:
-//! - no WASI, no HTTP hosts, no filesystem paths; memory and fuel (the time
-//!   limit) come from the manifest, clamped by [`Limits`];
+//! - no WASI, no HTTP hosts, no filesystem paths; memory and time
+//!   limits come from the manifest, clamped by [`Limits`];
 //! - a host function is linked into an instance only when the tenant's
 //!   grants allow it; otherwise the import resolves to a stub that records
 //!   and returns the denial (and the linked ones still check per call);
@@ -316,7 +316,7 @@ impl Runtime {
         let ilimits = host::InstanceLimits {
             plugin: name.to_owned(),
             memory_bytes: memory_mib as usize * 1024 * 1024,
-            fuel: timeout_ms * limits.fuel_per_ms,
+            timeout: Duration::from_millis(timeout_ms),
             table_elements: limits.max_table_elements,
             log_bytes_per_call: limits.max_log_bytes_per_call,
             log_line_bytes: limits.max_log_line_bytes,
@@ -592,8 +592,8 @@ fn cache_dir(dir: &DataDir) -> Result<std::path::PathBuf> {
 fn describe(e: &host::Failure, m: &Manifest) -> String {
     use host::Failure as F;
     match e {
-        F::OutOfFuel => format!(
-            "exceeded its time budget ({} ms, enforced as fuel); instance discarded",
+        F::Timeout => format!(
+            "exceeded its time limit ({} ms); instance discarded",
             m.limits.timeout_ms
         ),
         F::Memory => format!(
