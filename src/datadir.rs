@@ -142,6 +142,9 @@ impl DataDir {
     /// Opens the audit database of an initialised data dir.
     pub fn open_audit(&self) -> Result<Connection> {
         self.require_init()?;
-        Ok(db::open(&self.audit_db(), audit::MIGRATIONS, false)?)
+        let conn = db::open(&self.audit_db(), audit::MIGRATIONS, false)?;
+        // Records moved in by schema 3 join the chain before anything reads it.
+        audit::log::seal_pending(&conn)?;
+        Ok(conn)
     }
 }

@@ -71,7 +71,17 @@ pub fn open(path: &Path, migrations: &[&str], create: bool) -> Result<Connection
         });
     }
     for (i, sql) in migrations.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction().map_err(err)?;
+        // Another process may be migrating too: take the write lock, then
+        // look again.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let now: u32 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if now as usize > i {
+            continue;
+        }
         tx.execute_batch(sql).map_err(err)?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)
             .map_err(err)?;

@@ -84,6 +84,13 @@ pub fn render(r: &Record, appliance: &str) -> Value {
         })
     };
     let patient_entity = |tenant: &str, patient: &str| {
+        if !crate::fhir::is_valid_id(patient) {
+            return json!({
+                "type": coding(ENTITY_TYPE, "1", "Person"),
+                "role": coding(OBJECT_ROLE, "1", "Patient"),
+                "description": format!("tenant {tenant}, patient {patient:?} (not a valid id)")
+            });
+        }
         json!({
             "what": {"reference": format!("Patient/{patient}")},
             "type": coding(ENTITY_TYPE, "1", "Person"),
@@ -106,15 +113,21 @@ pub fn render(r: &Record, appliance: &str) -> Value {
                         "query": base64::engine::general_purpose::STANDARD.encode(query)
                     }),
                 ),
-                "fhir_read" => (
-                    coding(RESTFUL, "read", "read"),
-                    "R",
-                    json!({
-                        "what": {"reference": query},
+                "fhir_read" => {
+                    // Only a well-formed `Type/id` becomes a reference; any
+                    // other text (a plugin can pass anything) is kept as a
+                    // description, so upstream never rejects the event.
+                    let mut e = json!({
                         "type": coding(ENTITY_TYPE, "2", "System Object"),
                         "role": coding(OBJECT_ROLE, "4", "Domain Resource")
-                    }),
-                ),
+                    });
+                    if is_reference(query) {
+                        e["what"] = json!({"reference": query});
+                    } else {
+                        e["description"] = json!(format!("read of {query:?}"));
+                    }
+                    (coding(RESTFUL, "read", "read"), "R", e)
+                }
                 _ => (
                     coding(RESTFUL, "operation", "operation"),
                     "E",
@@ -214,6 +227,17 @@ pub fn render(r: &Record, appliance: &str) -> Value {
     ev
 }
 
+/// `Type/id` with a FHIR resource type name and a FHIR id.
+fn is_reference(s: &str) -> bool {
+    let Some((ty, id)) = s.split_once('/') else {
+        return false;
+    };
+    ty.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        && ty.len() <= 64
+        && ty.chars().all(|c| c.is_ascii_alphanumeric())
+        && crate::fhir::is_valid_id(id)
+}
+
 /// BALP outcome code (0, 4, 8) and description.
 fn outcome_of(kind: &str, body: &Value) -> (&'static str, String) {
     let o = s(body, "outcome");
@@ -225,5 +249,52 @@ fn outcome_of(kind: &str, body: &Value) -> (&'static str, String) {
         (_, "ok" | "accepted" | "no-op" | "") => ("0", String::new()),
         (_, "denied" | "refused" | "rejected") => ("4", detail()),
         _ => ("8", detail()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(query: &str, patient: &str) -> Record {
+        Record {
+            seq: 1,
+            id: "9b2e4d1c-0000-4000-8000-000000000001".into(),
+            time: "2026-11-26T05:00:00.000Z".into(),
+            kind: "host.access".into(),
+            body: json!({"call_id": "c", "plugin": "evil/x", "host_fn": "fhir_read", "tenant": "clinic-a",
+                         "patient": patient, "query": query, "outcome": "denied", "detail": "no"})
+            .to_string(),
+            prev: String::new(),
+            hash: "ab".into(),
+        }
+    }
+
+    #[test]
+    fn only_well_formed_references_become_references() {
+        let ok = render(&access("Observation/o-1.2", "p1"), "k");
+        assert_eq!(ok["entity"][0]["what"]["reference"], "Patient/p1");
+        assert_eq!(ok["entity"][1]["what"]["reference"], "Observation/o-1.2");
+        // Whatever a plugin passes is described, never referenced, so an
+        // upstream that checks references cannot reject the event.
+        for junk in [
+            "x y",
+            "Observation/../../etc",
+            "observation/1",
+            "'; DROP TABLE log; --",
+            "",
+        ] {
+            let ev = render(&access(junk, "p1"), "k");
+            assert!(ev["entity"][1].get("what").is_none(), "{junk:?}: {ev}");
+            assert!(
+                ev["entity"][1]["description"]
+                    .as_str()
+                    .unwrap()
+                    .contains("read of")
+            );
+            assert_eq!(ev["outcome"], "4");
+        }
+        let ev = render(&access("Observation/1", "not a patient id"), "k");
+        assert!(ev["entity"][0].get("what").is_none(), "{ev}");
     }
 }

@@ -149,7 +149,7 @@ pub fn append_batch(
         )?;
         for e in entries {
             seq += 1;
-            let id = uuid_v4();
+            let id = uuid_v4()?;
             cum += e.body.len() as i64;
             let hash = record_hash(&prev, seq, &id, &time, e.kind, &e.body);
             insert.execute(params![
@@ -249,11 +249,26 @@ pub fn seal(conn: &Connection) -> Result<()> {
         "UPDATE log SET id = ?2, cum_bytes = ?3, prev = ?4, hash = ?5 WHERE seq = ?1",
     )?;
     for (seq, time, kind, body) in pending {
-        let id = uuid_v4();
+        let id = uuid_v4()?;
         cum += body.len() as i64;
         let hash = record_hash(&prev, seq, &id, &time, &kind, &body);
         update.execute(params![seq, id, cum, &prev[..], &hash[..]])?;
         prev = hash;
+    }
+    Ok(())
+}
+
+/// Seals migrated records now, in their own transaction, if there are any
+/// (a cheap indexed check otherwise).
+pub fn seal_pending(conn: &Connection) -> Result<()> {
+    let any: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM log WHERE hash IS NULL)")?
+        .query_row([], |r| r.get(0))?;
+    if any {
+        let tx =
+            rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+        seal(&tx)?;
+        tx.commit()?;
     }
     Ok(())
 }
@@ -290,20 +305,20 @@ pub fn backlog_bytes(conn: &Connection) -> Result<(i64, i64)> {
 }
 
 /// A uuid v4 from the OS RNG.
-pub fn uuid_v4() -> String {
+pub fn uuid_v4() -> Result<String> {
     let mut b = [0u8; 16];
-    let _ = getrandom::fill(&mut b);
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!(
+    Ok(format!(
         "{}-{}-{}-{}-{}",
         &h[..8],
         &h[8..12],
         &h[12..16],
         &h[16..20],
         &h[20..]
-    )
+    ))
 }
 
 /// The shared, group-committing appender of one data dir's log.

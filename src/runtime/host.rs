@@ -368,9 +368,10 @@ impl Instance {
         let host = |e: wasmtime::Error| Failure::Host(format!("{e:#}"));
         self.store.set_epoch_deadline(self.ticks);
         {
-            let log = &mut self.store.data_mut().log;
-            log.left = log.per_call;
-            log.dropped = 0;
+            let data = self.store.data_mut();
+            data.log.left = data.log.per_call;
+            data.log.dropped = 0;
+            data.budget.hit = false;
         }
         let k = &self.kernel;
         let result = (|| -> wasmtime::Result<i32> {
@@ -385,6 +386,9 @@ impl Instance {
             self.store.data_mut().ctx = ctx;
             let r = f.call(&mut self.store, ());
             self.store.data_mut().ctx = None;
+            // Reading the result is the host's work: a fresh deadline, so a
+            // guest that finished in its last tick is not misreported.
+            self.store.set_epoch_deadline(self.ticks);
             r
         })();
         self.dropped_log_bytes = self.store.data().log.dropped;

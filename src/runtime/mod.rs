@@ -336,7 +336,10 @@ impl Runtime {
     /// Runs one call and records it.
     pub fn call(&self, req: &CallRequest) -> Result<CallOutput, CallError> {
         let started = Instant::now();
-        let call_id = crate::audit::log::uuid_v4();
+        let call_id = match crate::audit::log::uuid_v4() {
+            Ok(id) => id,
+            Err(e) => return Err(CallError::Refused(format!("{e:#}"))),
+        };
         let mut rec = record::CallRecord {
             call_id: call_id.clone(),
             time: format_time(time::OffsetDateTime::now_utc()),

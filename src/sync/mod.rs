@@ -19,6 +19,10 @@ use crate::config::Config;
 use crate::datadir::DataDir;
 use client::SyncError;
 
+/// Pages of one type fetched in one pass at most (a runaway paging chain
+/// resumes in the next pass).
+const MAX_PAGES_PER_PASS: u64 = 10_000;
+
 /// One pass: upload, then pull.
 #[derive(Debug, Serialize)]
 pub struct PassReport {
@@ -42,7 +46,7 @@ pub fn pass(dir: &DataDir, config: &Config) -> Result<PassReport, SyncError> {
             let mut backoff = backoff::Backoff::new(up.backoff, up.backoff_max);
             let mut attempt = 0;
             let r = loop {
-                match pull::pull_type(dir, &client, tenant, ty, u64::MAX) {
+                match pull::pull_type(dir, &client, tenant, ty, MAX_PAGES_PER_PASS) {
                     Ok(r) => break r,
                     Err(e) => {
                         attempt += 1;

@@ -99,7 +99,20 @@ pub fn pull_type(
                 None => format!("{ty}?_sort=_lastUpdated&_count=500"),
             },
         };
-        let page = client.get(&url)?;
+        let page = match client.get(&url) {
+            Ok(p) => p,
+            // A stored next-page link the server no longer knows (paging
+            // state expired, base moved): start the chain again from the
+            // cursor. Nothing is lost; re-imports are no-ops.
+            Err(e) if c.next.is_some() && stale_link(&e) => {
+                log::warn!("sync down {ty}: {e}; restarting from the cursor");
+                c.next = None;
+                c.pending_max = None;
+                save(&state, tenant, ty, &c).map_err(local)?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if page.get("resourceType").and_then(Value::as_str) != Some("Bundle")
             || page.get("type").and_then(Value::as_str) != Some("searchset")
         {
@@ -141,6 +154,12 @@ pub fn pull_type(
         // The page is committed; now move the cursor past it.
         c.pending_max = newest_of(c.pending_max.take(), newest);
         match next {
+            Some(n) if n == url => {
+                return Err(SyncError::Protocol {
+                    url,
+                    reason: "the next-page link points at the same page".into(),
+                });
+            }
             Some(n) => c.next = Some(n),
             None => {
                 c.next = None;
@@ -154,6 +173,14 @@ pub fn pull_type(
     }
     report.last_updated = c.last;
     Ok(report)
+}
+
+fn stale_link(e: &SyncError) -> bool {
+    match e {
+        SyncError::Status { status, .. } => (400..500).contains(status),
+        SyncError::Protocol { reason, .. } => reason.contains("leaves the upstream base"),
+        _ => false,
+    }
 }
 
 /// An instant as epoch ms (instants with different offsets compare right).

@@ -61,15 +61,25 @@ pub fn upload(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<UploadRep
         report.acked_seq = acked;
         return Ok(report);
     }
-    log::append_one(
-        &conn,
-        None,
-        Entry::new(
-            "sync",
-            &json!({"action": "upload", "upstream": client.base(), "from": acked + 1, "pending": head - acked}),
-        ),
-    )
-    .map_err(local)?;
+    // Sync events are recorded when the state changes (the first try after
+    // a success, the first failure), so a long outage adds two records,
+    // not two per pass.
+    let failing: i64 = conn
+        .query_row("SELECT attempts FROM sync_state WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| local(e.into()))?;
+    if failing == 0 {
+        log::append_one(
+            &conn,
+            None,
+            Entry::new(
+                "sync",
+                &json!({"action": "upload", "upstream": client.base(), "from": acked + 1, "pending": head - acked}),
+            ),
+        )
+        .map_err(local)?;
+    }
     let cp = checkpoint_at_head(&conn, &key).map_err(local)?;
     let mut attempt = 0u32;
     loop {
@@ -79,6 +89,9 @@ pub fn upload(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<UploadRep
                 attempt += 1;
                 note_failure(&conn, &e).map_err(local)?;
                 if attempt >= up.attempts {
+                    if failing > 0 {
+                        return Err(e);
+                    }
                     let _ = log::append_one(
                         &conn,
                         None,
@@ -156,6 +169,7 @@ fn send_pending(
             _ => {
                 let to = (acked + limits.sync_batch as i64).min(cp.size);
                 let recs = log::read_range(conn, acked + 1, to).map_err(local)?;
+                contiguous(&recs, acked + 1, to)?;
                 let body = render(&recs).map_err(|e| SyncError::Local(e.to_string()))?;
                 (recs.len(), body)
             }
@@ -163,7 +177,9 @@ fn send_pending(
         let last = acked + n as i64;
         let next_recs = if last < cp.size {
             let to = (last + limits.sync_batch as i64).min(cp.size);
-            log::read_range(conn, last + 1, to).map_err(local)?
+            let r = log::read_range(conn, last + 1, to).map_err(local)?;
+            contiguous(&r, last + 1, to)?;
+            r
         } else {
             Vec::new()
         };
@@ -201,6 +217,23 @@ fn send_pending(
                 ),
             });
         }
+    }
+}
+
+/// Records `from..=to` must all be there: a gap means the log was
+/// tampered with, and nothing past it is sent until `audit verify` is run.
+fn contiguous(recs: &[log::Record], from: i64, to: i64) -> Result<(), SyncError> {
+    let ok = recs.len() as i64 == to - from + 1
+        && recs
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.seq == from + i as i64);
+    if ok {
+        Ok(())
+    } else {
+        Err(SyncError::Local(format!(
+            "audit records {from}..={to} are not all there; run `clinicbox audit verify`"
+        )))
     }
 }
 
