@@ -358,3 +358,49 @@ fn a_week_offline_fails_closed_within_the_budget_and_recovers_everything() {
     b.ok(&as_refs(&news2_call("p0002")));
     assert_eq!(b.json(&["sync", "status"])["fail_closed"], false);
 }
+
+#[test]
+fn the_periodic_sync_delivers_new_records_until_stopped() {
+    let b = news2_box(3, true);
+    let up = Upstream::start(b.tmp.path(), CertKind::Good);
+    config(&b, &up, "attempts = 2\ninterval_secs = 1");
+    let mut child = b
+        .cmd()
+        .args(["sync"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |n: usize| {
+        for _ in 0..100 {
+            if up.ids().len() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    };
+    let before = local_ids(&b).len();
+    assert!(wait_for(before), "the first pass did not deliver");
+    // Upstream goes away for a moment; new records still arrive later.
+    up.inject(&[Fault::Status500, Fault::Reset]);
+    assert!(b.call_news2("p0002").status.success());
+    let now = local_ids(&b).len();
+    assert!(
+        wait_for(now),
+        "records made while the sync runs were not delivered"
+    );
+    assert_eq!(
+        child.try_wait().unwrap(),
+        None,
+        "the periodic sync stopped by itself"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    let local = local_ids(&b);
+    let remote: BTreeSet<String> = up.ids().into_iter().collect();
+    assert!(
+        remote.is_subset(&local),
+        "upstream has records the box does not"
+    );
+}
