@@ -93,6 +93,16 @@ pub fn install_file(dir: &DataDir, path: &Path, limits: &Limits) -> Result<Insta
         let mut state = dir.open_state()?;
         let now = format_time(clock::trusted_now(&audit_db)?);
         let outcome = store::install(dir, &mut state, &verified, &now)?;
+        // Compile now, into the compiled-code cache, so the first call (in
+        // this or any later process) does not pay for it.
+        if outcome == InstallOutcome::Installed
+            && let Err(e) = crate::runtime::precompile(dir, limits, verified.wasm())
+        {
+            log::warn!(
+                "installed {} but could not precompile it: {e:#}",
+                verified.manifest().name
+            );
+        }
         Ok(InstallReport {
             outcome,
             plugin: verified.manifest().name.to_string(),
@@ -116,17 +126,6 @@ pub fn install_file(dir: &DataDir, path: &Path, limits: &Limits) -> Result<Insta
                 &audit_db,
                 &decision("install", &source, &facts, outcome, reason),
             )?;
-            // Compile now, into the compiled-code cache, so the first call
-            // (in this or any later process) does not pay for it.
-            if report.outcome == InstallOutcome::Installed {
-                let runtime = crate::runtime::Runtime::new(dir.clone(), limits.clone());
-                if let Err(e) = runtime.and_then(|rt| rt.reload(&report.plugin)) {
-                    log::warn!(
-                        "installed {} but could not precompile it: {e:#}",
-                        report.plugin
-                    );
-                }
-            }
             Ok(report)
         }
         Err(e) => {

@@ -15,7 +15,7 @@
 //!   transaction (group commit): one fsync covers them all, and each caller
 //!   still waits for its own record to be durable.
 
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::mpsc;
 
 use anyhow::{Context, Result};
 use ed25519_dalek::SigningKey;
@@ -330,7 +330,6 @@ pub fn uuid_v4() -> Result<String> {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Request>,
-    read: Arc<Mutex<Connection>>,
     signs: bool,
 }
 
@@ -349,7 +348,6 @@ impl AuditLog {
     /// starts its writer thread (which ends when the last clone is dropped).
     pub fn open(dir: &DataDir, limits: &Limits) -> Result<AuditLog> {
         let conn = dir.open_audit()?;
-        let read = dir.open_audit()?;
         let key = crate::keys::read_secret(&dir.identity_key(), limits.max_key_file_bytes)
             .map_err(|e| log::warn!("audit checkpoints will not be signed: {e}"))
             .ok();
@@ -360,11 +358,7 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || writer(conn, key, policy, rx))
             .context("cannot start the audit writer thread")?;
-        Ok(AuditLog {
-            tx,
-            read: Arc::new(Mutex::new(read)),
-            signs,
-        })
+        Ok(AuditLog { tx, signs })
     }
 
     /// Appends `entry` and returns once it is durable (group commit).
@@ -377,12 +371,6 @@ impl AuditLog {
             .recv()
             .map_err(|_| anyhow::anyhow!("the audit writer stopped before answering"))?
             .map_err(anyhow::Error::msg)
-    }
-
-    /// Runs `f` on a read connection to the log.
-    pub fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.read.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn)
     }
 }
 

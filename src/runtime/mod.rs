@@ -230,7 +230,10 @@ impl Runtime {
                 return Ok(l);
             }
             if engine.is_none() {
-                *engine = Some(self.make_engine().map_err(|e| refused(format!("{e:#}")))?);
+                *engine = Some(
+                    engine_for(&self.env.dir, &self.env.limits)
+                        .map_err(|e| refused(format!("{e:#}")))?,
+                );
             }
             let Some(engine) = engine.as_ref() else {
                 continue;
@@ -257,27 +260,6 @@ impl Runtime {
             .ok()
             .and_then(|m| m.get(name).cloned())
             .filter(|l| l.digest == digest)
-    }
-
-    /// Makes sure the cached version of `name` is the installed one (after
-    /// an install or rollback). In-flight calls keep the version they began on.
-    pub fn reload(&self, name: &str) -> Result<()> {
-        self.current(name)
-            .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("{e}"))
-    }
-
-    /// The wasm engine, caching compiled code under the data dir (never in
-    /// `$HOME`); without a usable cache dir, it compiles every time.
-    fn make_engine(&self) -> Result<host::HostEngine> {
-        let limits = &self.env.limits;
-        match cache_dir(&self.env.dir) {
-            Ok(dir) => host::HostEngine::new(limits, Some(&dir)),
-            Err(e) => {
-                log::warn!("compiled-code cache disabled: {e:#}");
-                host::HostEngine::new(limits, None)
-            }
-        }
     }
 
     fn load(
@@ -581,6 +563,24 @@ impl Runtime {
         pool.live = pool.live.saturating_sub(1);
         loaded.freed.notify_one();
     }
+}
+
+/// The wasm engine for `dir`, caching compiled code under the data dir
+/// (never in `$HOME`); without a usable cache dir, it compiles every time.
+fn engine_for(dir: &DataDir, limits: &Limits) -> Result<host::HostEngine> {
+    match cache_dir(dir) {
+        Ok(cache) => host::HostEngine::new(limits, Some(&cache)),
+        Err(e) => {
+            log::warn!("compiled-code cache disabled: {e:#}");
+            host::HostEngine::new(limits, None)
+        }
+    }
+}
+
+/// Compiles `wasm` into the compiled-code cache of `dir`, so that the first
+/// call of a freshly installed plugin, in any process, does not compile.
+pub fn precompile(dir: &DataDir, limits: &Limits, wasm: &[u8]) -> Result<()> {
+    engine_for(dir, limits)?.compile(wasm).map(drop)
 }
 
 /// The compiled-code cache dir, `<data-dir>/cache/wasmtime`, created

@@ -161,14 +161,8 @@ impl Client {
         &self.base
     }
 
-    /// POSTs a FHIR document to the base URL (a batch Bundle) and returns
+    /// POSTs serialised JSON (a batch Bundle) to the base URL and returns
     /// the JSON answer of a 2xx.
-    pub fn post_bundle(&self, bundle: &Value) -> Result<Value, SyncError> {
-        let body = serde_json::to_vec(bundle).map_err(|e| SyncError::Local(e.to_string()))?;
-        self.post_json(&body)
-    }
-
-    /// POSTs serialised JSON (a batch Bundle) to the base URL.
     pub fn post_json(&self, body: &[u8]) -> Result<Value, SyncError> {
         let url = format!("{}/", self.base);
         let mut req = self
