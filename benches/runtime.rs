@@ -137,13 +137,7 @@ fn main() {
     ]);
     let obs = serde_json::json!({"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}});
     let f = b.file("Observation.ndjson", format!("{obs}\n").as_bytes());
-    b.ok(&[
-        "fhir",
-        "import",
-        "--tenant",
-        "clinic-a",
-        f.to_str().unwrap(),
-    ]);
+    b.import("clinic-a", &[&f]);
     let input = vec![b'x'; 1024];
     let req = |function: &str, input: &[u8]| CallRequest {
         tenant: "clinic-a".into(),

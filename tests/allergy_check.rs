@@ -47,13 +47,7 @@ fn allergy_check_flags_a_penicillin_allergy_against_amoxicillin_only() {
         med("m3", "p2", "723"),
     ]});
     let f = b.file("data.json", data.to_string().as_bytes());
-    b.ok(&[
-        "fhir",
-        "import",
-        "--tenant",
-        "clinic-a",
-        f.to_str().unwrap(),
-    ]);
+    b.import("clinic-a", &[&f]);
     let call = |patient: &str| {
         b.run(&[
             "call",

@@ -109,7 +109,7 @@ fn setup() -> (TestBox, Arc<Runtime>) {
     let bb = json!({"resourceType": "Bundle", "type": "collection", "entry": [obs("b-only", "p1", "vital-signs")]});
     for (tenant, doc) in [("clinic-a", a), ("clinic-b", bb)] {
         let f = b.file(&format!("{tenant}.json"), doc.to_string().as_bytes());
-        b.ok(&["fhir", "import", "--tenant", tenant, f.to_str().unwrap()]);
+        b.import(tenant, &[&f]);
     }
     let rt = Arc::new(Runtime::new(DataDir::new(&b.data), Limits::default()).unwrap());
     (b, rt)

@@ -54,29 +54,7 @@ const QUERIES: &[(&str, &str)] = &[
 
 fn setup() -> TestBox {
     let b = TestBox::new();
-    let out = b.path("synth");
-    b.ok(&[
-        "fhir",
-        "synth",
-        "--out",
-        out.to_str().unwrap(),
-        "--patients",
-        "5",
-        "--per-patient",
-        "150",
-        "--tenants",
-        "clinic-a,clinic-b",
-    ]);
-    for tenant in ["clinic-a", "clinic-b"] {
-        let mut files: Vec<String> = std::fs::read_dir(out.join(tenant))
-            .unwrap()
-            .map(|e| e.unwrap().path().display().to_string())
-            .collect();
-        files.sort();
-        let mut args = vec!["fhir", "import", "--tenant", tenant];
-        args.extend(files.iter().map(String::as_str));
-        b.ok(&args);
-    }
+    b.synth_and_import(5, 150, &["clinic-a", "clinic-b"]);
     b
 }
 

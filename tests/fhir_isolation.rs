@@ -49,7 +49,7 @@ fn setup() -> TestBox {
             &format!("{tenant}.json"),
             dataset(tenant).to_string().as_bytes(),
         );
-        b.ok(&["fhir", "import", "--tenant", tenant, f.to_str().unwrap()]);
+        b.import(tenant, &[&f]);
     }
     b
 }

@@ -338,30 +338,7 @@ pub fn news2_box(patients: u32, grant: bool) -> TestBox {
         key.to_str().unwrap(),
     ]);
     b.ok(&["plugin", "install", example_bundle().to_str().unwrap()]);
-    let out = b.path("synth");
-    let n = patients.to_string();
-    b.ok(&[
-        "fhir",
-        "synth",
-        "--out",
-        out.to_str().unwrap(),
-        "--patients",
-        &n,
-        "--per-patient",
-        "120",
-        "--tenants",
-        "clinic-a",
-    ]);
-    let mut args = vec![
-        "fhir".to_owned(),
-        "import".into(),
-        "--tenant".into(),
-        "clinic-a".into(),
-    ];
-    for e in std::fs::read_dir(out.join("clinic-a")).unwrap() {
-        args.push(e.unwrap().path().display().to_string());
-    }
-    b.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    b.synth_and_import(patients, 120, &["clinic-a"]);
     if grant {
         b.grant_news2();
     }
@@ -369,6 +346,47 @@ pub fn news2_box(patients: u32, grant: bool) -> TestBox {
 }
 
 impl TestBox {
+    /// `fhir import --tenant TENANT FILES…`, asserting success.
+    pub fn import(&self, tenant: &str, files: &[&Path]) {
+        let mut args = vec!["fhir", "import", "--tenant", tenant];
+        args.extend(files.iter().map(|f| f.to_str().unwrap()));
+        self.ok(&args);
+    }
+
+    /// A synthetic data set (`fhir synth`, default seed) for `tenants`,
+    /// imported file by file in name order.
+    pub fn synth_and_import(&self, patients: u32, per_patient: u32, tenants: &[&str]) {
+        let out = self.path("synth");
+        let (p, n, t) = (
+            patients.to_string(),
+            per_patient.to_string(),
+            tenants.join(","),
+        );
+        self.ok(&[
+            "fhir",
+            "synth",
+            "--out",
+            out.to_str().unwrap(),
+            "--patients",
+            &p,
+            "--per-patient",
+            &n,
+            "--tenants",
+            &t,
+        ]);
+        for tenant in tenants {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(out.join(tenant))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            self.import(
+                tenant,
+                &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+            );
+        }
+    }
+
     /// Grants NEWS2 its vital-signs scope for clinic-a.
     pub fn grant_news2(&self) {
         self.ok(&[
