@@ -31,6 +31,73 @@ pub struct RawConfig {
     pub limits: Option<RawLimits>,
     /// The upstream FHIR server (audit upload, cache refresh).
     pub upstream: Option<RawUpstream>,
+    /// The local HTTP API (`clinicbox run`).
+    pub api: Option<RawApi>,
+    /// The daemon's inbox and shutdown.
+    pub daemon: Option<RawDaemon>,
+    /// The vendor update channel.
+    pub updates: Option<RawUpdates>,
+}
+
+/// `[api]`: where the local API listens.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    /// `host:port` (default `127.0.0.1:8787`). A LAN address exposes the
+    /// API to the clinic network; every request still needs a token.
+    pub listen: Option<String>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    /// Directory watched for dropped `.cbx` bundles (default
+    /// `<data-dir>/inbox`).
+    pub inbox: Option<PathBuf>,
+    /// How often the inbox is scanned, ms (default 1,000).
+    pub inbox_poll_ms: Option<u64>,
+    /// On SIGTERM, how long in-flight requests may finish, s (default 10).
+    pub drain_secs: Option<u64>,
+}
+
+/// `[updates]`: the vendor update channel (a static HTTPS directory with
+/// a signed `index.json` and the bundles it lists).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpdates {
+    /// Base URL of the channel, `https://…/` (its `index.json` is fetched).
+    pub url: String,
+    /// PEM CA file to trust for it (default: the Mozilla roots).
+    pub ca_file: Option<PathBuf>,
+    /// Seconds between polls (default 3,600).
+    pub interval_secs: Option<u64>,
+    /// Allow an `http://` URL (a lab only; the index is signed either way).
+    pub allow_plain_http: Option<bool>,
+}
+
+/// Validated `[api]` + `[daemon]`.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    /// Listen address.
+    pub listen: String,
+    /// Inbox directory (None: `<data-dir>/inbox`).
+    pub inbox: Option<PathBuf>,
+    /// Inbox scan period.
+    pub inbox_poll: std::time::Duration,
+    /// Drain time on SIGTERM.
+    pub drain: std::time::Duration,
+}
+
+impl Default for Daemon {
+    fn default() -> Self {
+        Daemon {
+            listen: "127.0.0.1:8787".into(),
+            inbox: None,
+            inbox_poll: std::time::Duration::from_secs(1),
+            drain: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[upstream]`: where audit records go and FHIR data comes from.
@@ -129,6 +196,11 @@ pub struct Config {
     pub limits: Limits,
     /// The upstream server, if configured.
     pub upstream: Option<Upstream>,
+    /// The daemon and its API.
+    pub daemon: Daemon,
+    /// The update channel, if configured (same client settings as an
+    /// upstream: url, trust, timeouts).
+    pub updates: Option<Upstream>,
 }
 
 /// The config file is unusable.
@@ -265,11 +337,74 @@ impl Config {
             None => None,
             Some(u) => Some(upstream(u, &mut limits).map_err(|(f, r)| field(f, r))?),
         };
+        let mut daemon = Daemon::default();
+        if let Some(a) = raw.api
+            && let Some(listen) = a.listen
+        {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(field(
+                    "api.listen",
+                    format!("{listen:?} is not an IP:port address (e.g. 127.0.0.1:8787)"),
+                ));
+            }
+            daemon.listen = listen;
+        }
+        if let Some(d) = raw.daemon {
+            daemon.inbox = d.inbox;
+            if let Some(ms) = d.inbox_poll_ms {
+                if !(50..=3_600_000).contains(&ms) {
+                    return Err(field(
+                        "daemon.inbox_poll_ms",
+                        format!("{ms} is outside 50..=3600000"),
+                    ));
+                }
+                daemon.inbox_poll = std::time::Duration::from_millis(ms);
+            }
+            if let Some(s) = d.drain_secs {
+                if s > 600 {
+                    return Err(field(
+                        "daemon.drain_secs",
+                        format!("{s} is outside 0..=600"),
+                    ));
+                }
+                daemon.drain = std::time::Duration::from_secs(s);
+            }
+        }
+        let updates = match raw.updates {
+            None => None,
+            Some(u) => {
+                let secs = u.interval_secs.unwrap_or(3600);
+                let as_upstream = RawUpstream {
+                    url: u.url,
+                    ca_file: u.ca_file,
+                    allow_plain_http: u.allow_plain_http,
+                    interval_secs: Some(secs),
+                    attempts: Some(1),
+                    ..RawUpstream::default()
+                };
+                let mut scratch = limits.clone();
+                let mut up = self::upstream(as_upstream, &mut scratch).map_err(|(f, r)| {
+                    field(
+                        match f {
+                            "upstream.url" => "updates.url",
+                            "upstream.allow_plain_http" => "updates.allow_plain_http",
+                            "upstream.interval_secs" => "updates.interval_secs",
+                            other => other,
+                        },
+                        r,
+                    )
+                })?;
+                up.pull = None;
+                Some(up)
+            }
+        };
         Ok(Config {
             source,
             log_level,
             limits,
             upstream,
+            daemon,
+            updates,
         })
     }
 }

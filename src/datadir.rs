@@ -34,6 +34,7 @@ pub struct NotInitialised(pub String);
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    cache: Option<PathBuf>,
 }
 
 /// What `init` did.
@@ -50,7 +51,17 @@ pub struct InitReport {
 impl DataDir {
     /// A data dir rooted at `root` (nothing is touched yet).
     pub fn new(root: impl Into<PathBuf>) -> DataDir {
-        DataDir { root: root.into() }
+        DataDir {
+            root: root.into(),
+            cache: None,
+        }
+    }
+
+    /// The same data dir with the compiled-code cache somewhere else
+    /// (systemd's `CacheDirectory`); `None` keeps `<root>/cache`.
+    pub fn with_cache(mut self, cache: Option<PathBuf>) -> DataDir {
+        self.cache = cache;
+        self
     }
 
     /// The root directory.
@@ -78,9 +89,12 @@ impl DataDir {
         self.root.join("fhir.db")
     }
     /// Compiled-code cache (wasmtime), so a new process loads a plugin
-    /// without compiling it again.
+    /// without compiling it again: `<root>/cache` unless
+    /// [`DataDir::with_cache`] moved it. Never under `$HOME`.
     pub fn cache_dir(&self) -> PathBuf {
-        self.root.join("cache")
+        self.cache
+            .clone()
+            .unwrap_or_else(|| self.root.join("cache"))
     }
     /// The content-addressed bundle store.
     pub fn plugins_dir(&self) -> PathBuf {

@@ -9,6 +9,8 @@
 //! - [`config`], [`limits`]: validated configuration and every bound;
 //! - [`datadir`], [`db`], [`state`]: the data dir, SQLite, schemas;
 //! - [`keys`], [`scopes`], [`fsutil`]: key files, SMART scopes, atomic I/O;
+//! - [`daemon`], [`tokens`], [`update`]: `clinicbox run`: the local API and
+//!   its bearer tokens, the inbox, the vendor update channel;
 //! - [`cli`]: the command line.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -19,6 +21,7 @@ pub mod bundle;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod datadir;
 pub mod db;
 pub mod fhir;
@@ -29,3 +32,5 @@ pub mod runtime;
 pub mod scopes;
 pub mod state;
 pub mod sync;
+pub mod tokens;
+pub mod update;

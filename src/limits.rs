@@ -99,6 +99,30 @@ pub struct Limits {
     /// unbounded. Over it, PHI-returning calls are refused (fail closed);
     /// records are never dropped.
     pub audit_budget_bytes: Option<u64>,
+    /// Largest request body the local API reads, in bytes (default 1 MiB);
+    /// larger gets 413 before the excess is read.
+    pub max_request_body_bytes: usize,
+    /// Largest request head (request line and headers) the local API
+    /// buffers, in bytes (default 16 KiB); larger gets 431.
+    pub max_request_head_bytes: usize,
+    /// Time a client has to send a complete request head, ms (default
+    /// 5,000): a slowloris client is disconnected after it.
+    pub request_head_timeout_ms: u64,
+    /// Time a client has to send a request body, ms (default 10,000);
+    /// after it, 408.
+    pub request_body_timeout_ms: u64,
+    /// Open connections to the local API (default 1,024); beyond, new ones
+    /// get 503 and are closed.
+    pub max_connections: usize,
+    /// Requests being worked on at once (default 256); beyond, 503 with
+    /// `Retry-After`, so a burst cannot queue without bound.
+    pub max_inflight_requests: usize,
+    /// Resources in one ingested Bundle (default 1,000).
+    pub max_ingest_entries: usize,
+    /// Largest update-channel index, in bytes (default 1 MiB).
+    pub max_index_bytes: u64,
+    /// Bundles listed in one update-channel index (default 1,000).
+    pub max_index_entries: usize,
     /// Largest trust threshold accepted (default 16 = `max_signatures`):
     /// a higher threshold could never be met.
     pub max_threshold: u32,
@@ -127,6 +151,15 @@ impl Default for Limits {
             max_config_bytes: 1024 * 1024,
             max_manifest_source_bytes: 64 * 1024,
             max_threshold: 16,
+            max_request_body_bytes: 1024 * 1024,
+            max_request_head_bytes: 16 * 1024,
+            request_head_timeout_ms: 5_000,
+            request_body_timeout_ms: 10_000,
+            max_connections: 1_024,
+            max_inflight_requests: 256,
+            max_ingest_entries: 1_000,
+            max_index_bytes: 1024 * 1024,
+            max_index_entries: 1_000,
             max_output_bytes: 1024 * 1024,
             max_host_arg_bytes: 64 * 1024,
             max_host_calls_per_call: 256,

@@ -84,4 +84,25 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, type)
     ) STRICT;
     ",
+    // 4: bearer tokens of the local API (hashes only) and the update
+    // channel's last accepted index (rollback / freeze defence).
+    "
+    CREATE TABLE api_tokens (
+        id          TEXT PRIMARY KEY,          -- public handle, 'tok_' + 8 hex
+        name        TEXT NOT NULL UNIQUE,
+        role        TEXT NOT NULL CHECK (role IN ('device', 'app', 'admin')),
+        tenant      TEXT NOT NULL,
+        scopes      TEXT NOT NULL,             -- JSON array of SMART v2 scopes
+        hash        BLOB NOT NULL UNIQUE,      -- sha256 of the secret
+        created_at  TEXT NOT NULL,
+        revoked_at  TEXT                       -- NULL while valid; permanent
+    ) STRICT;
+    CREATE TABLE update_channel (
+        url         TEXT PRIMARY KEY,
+        version     INTEGER NOT NULL,          -- highest index version accepted
+        expires     TEXT NOT NULL,
+        digest      TEXT NOT NULL,             -- sha256 of that index envelope
+        checked_at  TEXT NOT NULL
+    ) STRICT;
+    ",
 ];

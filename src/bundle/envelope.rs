@@ -56,10 +56,12 @@ pub enum EnvelopeError {
     #[error("malformed DSSE envelope: {0}")]
     Malformed(String),
     /// payloadType is not ours.
-    #[error("wrong DSSE payloadType {found:?}, expected {PAYLOAD_TYPE:?}")]
+    #[error("wrong DSSE payloadType {found:?}, expected {expected:?}")]
     WrongPayloadType {
         /// What the envelope says.
         found: String,
+        /// What was expected.
+        expected: &'static str,
     },
     /// payload is not base64.
     #[error("DSSE payload is not valid base64: {0}")]
@@ -97,6 +99,8 @@ pub enum EnvelopeError {
 /// signatures parsed. The signatures are NOT yet checked against any key.
 #[derive(Debug, Clone)]
 pub struct ParsedEnvelope {
+    /// The payloadType that was checked (and is signed over).
+    pub payload_type: &'static str,
     /// The raw payload bytes (the manifest JSON), exactly as signed.
     pub payload: Vec<u8>,
     /// (keyid hint, signature) in envelope order.
@@ -120,8 +124,14 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
 impl Envelope {
     /// A new, unsigned envelope around `payload`.
     pub fn unsigned(payload: &[u8]) -> Envelope {
+        Envelope::unsigned_as(PAYLOAD_TYPE, payload)
+    }
+
+    /// A new, unsigned envelope of another payloadType (the update
+    /// channel's index).
+    pub fn unsigned_as(payload_type: &str, payload: &[u8]) -> Envelope {
         Envelope {
-            payload_type: PAYLOAD_TYPE.to_owned(),
+            payload_type: payload_type.to_owned(),
             payload: B64.encode(payload),
             signatures: Vec::new(),
         }
@@ -129,31 +139,48 @@ impl Envelope {
 
     /// Parses envelope JSON (step 3): shape, payloadType, payload, sizes.
     pub fn parse(bytes: &[u8], limits: &Limits) -> Result<ParsedEnvelope, EnvelopeError> {
-        let env: Envelope =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-        env.check(limits)
+        Envelope::parse_as(bytes, PAYLOAD_TYPE, limits.max_manifest_bytes, limits)
     }
 
-    fn check(&self, limits: &Limits) -> Result<ParsedEnvelope, EnvelopeError> {
-        if self.payload_type != PAYLOAD_TYPE {
+    /// Parses an envelope that must have `payload_type`, with a payload of
+    /// at most `max_payload` bytes.
+    pub fn parse_as(
+        bytes: &[u8],
+        payload_type: &'static str,
+        max_payload: usize,
+        limits: &Limits,
+    ) -> Result<ParsedEnvelope, EnvelopeError> {
+        let env: Envelope =
+            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        env.check(payload_type, max_payload, limits)
+    }
+
+    fn check(
+        &self,
+        payload_type: &'static str,
+        max_payload: usize,
+        limits: &Limits,
+    ) -> Result<ParsedEnvelope, EnvelopeError> {
+        if self.payload_type != payload_type {
             return Err(EnvelopeError::WrongPayloadType {
                 found: self.payload_type.clone(),
+                expected: payload_type,
             });
         }
         // base64 expands 3 bytes to 4: refuse before decoding what cannot fit.
-        if self.payload.len() / 4 * 3 > limits.max_manifest_bytes + 3 {
+        if self.payload.len() / 4 * 3 > max_payload + 3 {
             return Err(EnvelopeError::PayloadTooLarge {
                 size: self.payload.len() / 4 * 3,
-                cap: limits.max_manifest_bytes,
+                cap: max_payload,
             });
         }
         let payload = B64
             .decode(&self.payload)
             .map_err(|e| EnvelopeError::PayloadEncoding(e.to_string()))?;
-        if payload.len() > limits.max_manifest_bytes {
+        if payload.len() > max_payload {
             return Err(EnvelopeError::PayloadTooLarge {
                 size: payload.len(),
-                cap: limits.max_manifest_bytes,
+                cap: max_payload,
             });
         }
         let count = self.signatures.len();
@@ -180,6 +207,7 @@ impl Envelope {
             signatures.push((s.keyid.clone(), Signature::from_bytes(&bytes)));
         }
         Ok(ParsedEnvelope {
+            payload_type,
             payload,
             signatures,
         })
@@ -213,7 +241,7 @@ impl Envelope {
 impl ParsedEnvelope {
     /// True if signature `index` verifies (strictly) under `key`.
     pub fn verifies(&self, index: usize, key: &VerifyingKey) -> bool {
-        let msg = pae(PAYLOAD_TYPE, &self.payload);
+        let msg = pae(self.payload_type, &self.payload);
         self.signatures
             .get(index)
             .is_some_and(|(_, sig)| key.verify_strict(&msg, sig).is_ok())

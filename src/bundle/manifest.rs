@@ -47,6 +47,60 @@ pub struct RawManifest {
     /// Free text for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Resources whose arrival (device ingest) triggers a function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<RawSubscription>,
+}
+
+/// One subscription as written: `criteria` is a FHIR search on one type
+/// with the token filters a scope allows (`Observation?category=vital-signs`),
+/// `function` an exported function called with the matching patient.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscription {
+    /// `Type` or `Type?param=token&…` (params: category, code, status).
+    pub criteria: String,
+    /// The exported function to call.
+    pub function: String,
+}
+
+/// A validated subscription: the criteria are held as a search scope, so
+/// they have exactly a scope's syntax and matching rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The criteria as given (canonical form of the scope's filters).
+    pub criteria: String,
+    /// The type and filters.
+    pub filter: Scope,
+    /// The exported function to call.
+    pub function: String,
+}
+
+impl Subscription {
+    /// True if `res` (a resource with this `id`) matches the criteria:
+    /// the same type, and every filter's token among its indexed values.
+    pub fn matches(&self, res: &serde_json::Value, id: &str) -> bool {
+        let crate::scopes::ResourceSel::Type(ty) = &self.filter.resource else {
+            return false;
+        };
+        if res.get("resourceType").and_then(|t| t.as_str()) != Some(ty.as_str()) {
+            return false;
+        }
+        let Some(def) = crate::fhir::params::type_def(ty) else {
+            return false;
+        };
+        let found = crate::fhir::params::extract(def, id, res);
+        self.filter.filters.iter().all(|(param, want)| {
+            let Some(p) = def.param(param.name()) else {
+                return false;
+            };
+            found.tokens.iter().any(|(code, system, value)| {
+                *code == p.code
+                    && *value == want.code
+                    && (want.system.is_none() || *system == want.system)
+            })
+        })
+    }
 }
 
 /// The wasm binding in a manifest.
@@ -90,6 +144,9 @@ pub struct ManifestSource {
     /// Free text for humans.
     #[serde(default)]
     pub description: Option<String>,
+    /// Subscriptions (see [`RawSubscription`]).
+    #[serde(default)]
+    pub subscriptions: Vec<RawSubscription>,
 }
 
 /// A namespaced, path-safe plugin name: `vendor/name`, lowercase ASCII
@@ -182,6 +239,8 @@ pub struct Manifest {
     pub expires: OffsetDateTime,
     /// Free text.
     pub description: Option<String>,
+    /// What triggers which function on ingest.
+    pub subscriptions: Vec<Subscription>,
 }
 
 /// Why a manifest was refused.
@@ -327,6 +386,19 @@ impl Manifest {
                 "must be at most 1024 characters without control characters",
             ));
         }
+        if raw.subscriptions.len() > limits.max_exports {
+            return Err(field_err(
+                "subscriptions",
+                format!("at most {} subscriptions", limits.max_exports),
+            ));
+        }
+        let mut subscriptions = Vec::with_capacity(raw.subscriptions.len());
+        for (i, sub) in raw.subscriptions.iter().enumerate() {
+            subscriptions.push(
+                parse_subscription(sub, &raw.exports)
+                    .map_err(|r| field_err(format!("subscriptions[{i}]"), r))?,
+            );
+        }
         Ok(Manifest {
             name,
             version,
@@ -339,6 +411,7 @@ impl Manifest {
             created,
             expires,
             description: raw.description,
+            subscriptions,
         })
     }
 
@@ -358,6 +431,14 @@ impl Manifest {
             created: format_time(self.created),
             expires: format_time(self.expires),
             description: self.description.clone(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|s| RawSubscription {
+                    criteria: s.criteria.clone(),
+                    function: s.function.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -373,6 +454,46 @@ impl ManifestSource {
     pub fn parse(text: &str, file: &str) -> Result<ManifestSource, ManifestError> {
         toml::from_str(text).map_err(|e| ManifestError::Malformed(format!("{file}: {e}")))
     }
+}
+
+/// Parses subscription criteria through the scope parser: `Type?filters`
+/// becomes the search scope `patient/Type.s?filters`.
+fn parse_subscription(sub: &RawSubscription, exports: &[String]) -> Result<Subscription, String> {
+    if !exports.contains(&sub.function) {
+        return Err(format!("function {:?} is not in `exports`", sub.function));
+    }
+    let (ty, query) = match sub.criteria.split_once('?') {
+        Some((t, q)) => (t, Some(q)),
+        None => (sub.criteria.as_str(), None),
+    };
+    if !crate::scopes::is_type_name(ty) || crate::fhir::params::type_def(ty).is_none() {
+        return Err(format!(
+            "criteria {:?}: {ty:?} is not a resource type the cache indexes",
+            sub.criteria
+        ));
+    }
+    let scope_text = match query {
+        Some(q) => format!("patient/{ty}.s?{q}"),
+        None => format!("patient/{ty}.s"),
+    };
+    let filter: Scope = scope_text.parse().map_err(|e: crate::scopes::ScopeError| {
+        format!("criteria {:?}: {}", sub.criteria, e.reason)
+    })?;
+    let def = crate::fhir::params::type_def(ty);
+    for (param, _) in &filter.filters {
+        if def.and_then(|d| d.param(param.name())).is_none() {
+            return Err(format!(
+                "criteria {:?}: {ty} has no search parameter {:?}",
+                sub.criteria,
+                param.name()
+            ));
+        }
+    }
+    Ok(Subscription {
+        criteria: sub.criteria.clone(),
+        filter,
+        function: sub.function.clone(),
+    })
 }
 
 fn is_export_name(s: &str) -> bool {
@@ -404,6 +525,43 @@ mod tests {
             created: "2026-01-01T00:00:00Z".into(),
             expires: "2027-01-01T00:00:00Z".into(),
             description: None,
+            subscriptions: vec![],
+        }
+    }
+
+    #[test]
+    fn subscriptions_parse_match_and_name_the_bad_field() {
+        let mut r = raw();
+        r.subscriptions = vec![RawSubscription {
+            criteria: "Observation?category=vital-signs".into(),
+            function: "news2".into(),
+        }];
+        let m = Manifest::from_raw(r.clone(), &Limits::default()).unwrap();
+        let obs = serde_json::json!({"resourceType": "Observation", "id": "o1",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}]});
+        assert!(m.subscriptions[0].matches(&obs, "o1"));
+        let lab = serde_json::json!({"resourceType": "Observation", "id": "o2",
+            "category": [{"coding": [{"code": "laboratory"}]}]});
+        assert!(!m.subscriptions[0].matches(&lab, "o2"));
+        let again = Manifest::parse(&m.to_json(), &Limits::default()).unwrap();
+        assert_eq!(again, m);
+        for (criteria, function, want) in [
+            ("Observation", "nope", "subscriptions[0]"),
+            ("Nonsense?category=x", "news2", "not a resource type"),
+            ("Patient?category=x", "news2", "no search parameter"),
+            ("Observation?foo=x", "news2", "criteria"),
+        ] {
+            r.subscriptions[0] = RawSubscription {
+                criteria: criteria.into(),
+                function: function.into(),
+            };
+            let e = Manifest::from_raw(r.clone(), &Limits::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("subscriptions[0]") && e.contains(want),
+                "{criteria}: {e}"
+            );
         }
     }
 

@@ -57,6 +57,7 @@ pub fn pack(
         created: format_time(created),
         expires: format_time(expires),
         description: source.description,
+        subscriptions: source.subscriptions,
     };
     let manifest = Manifest::from_raw(raw, limits)?;
     let env = Envelope::unsigned(&manifest.to_json());

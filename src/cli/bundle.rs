@@ -62,6 +62,29 @@ pub enum Cmd {
         /// The bundle.
         file: PathBuf,
     },
+    /// Write the signed index of an update channel over bundle files, for
+    /// publishing with the bundles on any static HTTPS server.
+    Index {
+        /// The signer's secret key file (trusted by the boxes for every
+        /// listed bundle's namespace).
+        #[arg(long, value_name = "K.key")]
+        key: PathBuf,
+        /// Index version: must grow with every publication; boxes refuse
+        /// a lower one (rollback).
+        #[arg(long = "index-version", value_name = "N")]
+        index_version: u64,
+        /// Hours until the index expires; boxes refuse it after that
+        /// (freeze), so republish well before.
+        #[arg(long, default_value_t = 168, value_name = "HOURS")]
+        valid_hours: u32,
+        /// Where to write the index (publish it as `index.json` beside the
+        /// bundles).
+        #[arg(long, value_name = "index.json")]
+        out: PathBuf,
+        /// The bundles (published under their file names).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Serialize)]
@@ -180,6 +203,31 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
                     report.signers.join(", ")
                 )
             })
+        }
+        Cmd::Index {
+            key,
+            index_version,
+            valid_hours,
+            out,
+            files,
+        } => {
+            let key = keys::read_secret(&key, limits.max_key_file_bytes)?;
+            let expires = clock::system_now()? + Duration::hours(valid_hours.into());
+            let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+            let bytes = crate::update::build_index(&paths, index_version, expires, &key, limits)?;
+            fsutil::write_atomic(&out, &bytes, 0o644, "index")
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            ctx.out.emit(
+                &serde_json::json!({"index": out, "version": index_version, "expires": format_time(expires), "bundles": files.len()}),
+                || {
+                    format!(
+                        "wrote {} (version {index_version}, {} bundles, expires {})",
+                        out.display(),
+                        files.len(),
+                        format_time(expires)
+                    )
+                },
+            )
         }
         Cmd::Inspect { file } => {
             let bytes = bundle::read_bundle_file(&file, limits)?;

@@ -47,6 +47,12 @@ pub struct Args {
     /// Data dir for the demo (created if missing).
     #[arg(long, default_value = "./clinicbox-demo", value_name = "DIR")]
     dir: PathBuf,
+    /// Only walk through the steps; do not start the daemon afterwards.
+    #[arg(long)]
+    no_serve: bool,
+    /// Where the demo daemon listens (localhost only by default).
+    #[arg(long, default_value = "127.0.0.1:8787", value_name = "ADDR")]
+    listen: String,
 }
 
 /// Runs the demo.
@@ -185,7 +191,11 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
         verified.records,
         &verified.head[..16]
     );
-    ctx.out.emit(&serde_json::json!({"plugins": plugins, "risk_assessment": ra, "audit": verified}), || {
+    let summary = serde_json::json!({"plugins": plugins, "risk_assessment": ra, "audit": verified});
+    if !args.no_serve {
+        return serve(ctx, &args, &dir);
+    }
+    ctx.out.emit(&summary, || {
         format!(
             "{}\n\nnext, try:\n  clinicbox --data-dir {d} audit tail\n  clinicbox --data-dir {d} audit show {} --format fhir\n  clinicbox --data-dir {d} plugin calls --accesses",
             serde_json::to_string_pretty(&ra).unwrap_or_default(),
@@ -193,4 +203,73 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
             d = args.dir.display()
         )
     })
+}
+
+/// Creates fresh demo tokens (revoking the previous demo's), writes a
+/// sample vitals Bundle, prints curl commands, and runs the daemon on the
+/// demo data dir until Ctrl-C.
+fn serve(ctx: &Ctx, args: &Args, dir: &DataDir) -> Result<()> {
+    use crate::tokens::{self, Role};
+    let state = dir.open_state()?;
+    for t in tokens::list(&state)? {
+        if t.name.starts_with("demo-") && t.revoked_at.is_none() {
+            tokens::revoke(&state, &t.id)?;
+        }
+    }
+    let stamp = clock::system_now()?.unix_timestamp();
+    let mut made = Vec::new();
+    for (role, scopes) in [
+        (Role::App, vec!["patient/*.rs".parse::<Scope>()?]),
+        (Role::Device, vec![]),
+        (Role::Admin, vec![]),
+    ] {
+        let name = format!("demo-{role}-{stamp}");
+        let t = tokens::create(&state, &name, role, TENANT, &scopes)?;
+        crate::audit::note(
+            dir,
+            "token",
+            &serde_json::json!({"action": "create", "id": t.id, "name": name, "role": role, "tenant": TENANT}),
+        )?;
+        made.push(t.token);
+    }
+    let vitals = args.dir.join("vitals.json");
+    let reading = synth::round::Reading {
+        rr: 24.0,
+        spo2: 93.0,
+        hr: 118.0,
+        ..synth::round::Reading::NORMAL
+    };
+    let now = bundle::manifest::format_time(clock::system_now()?);
+    let doc = synth::round::bundle("p0003", &now, &reading);
+    fsutil::write_atomic(
+        &vitals,
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+        0o644,
+        "demo",
+    )?;
+    let mut config = ctx.config.clone();
+    config.daemon.listen.clone_from(&args.listen);
+    let base = format!("http://{}", args.listen);
+    let d = args.dir.display();
+    eprintln!(
+        "\nclinicbox is starting on {base} with the demo data dir (Ctrl-C stops it). Try:\n\
+         \x20 curl -s {base}/readyz\n\
+         \x20 curl -s -H 'Authorization: Bearer {admin}' {base}/status\n\
+         \x20 curl -s -H 'Authorization: Bearer {app}' -d '{{\"patient\":\"p0002\"}}' {base}/plugins/acme/news2/news2_latest\n\
+         \x20 curl -s -H 'Authorization: Bearer {app}' '{base}/fhir/Observation?patient=p0001&category=vital-signs&_count=2'\n\
+         \x20 curl -s -H 'Authorization: Bearer {device}' -H 'Content-Type: application/fhir+json' --data @{d}/vitals.json {base}/fhir/Bundle\n\
+         \x20 curl -s -H 'Authorization: Bearer {admin}' {base}/metrics\n\
+         \x20 cp some-plugin.cbx {d}/inbox/    # hot-installed within seconds\n\
+         (these demo tokens are for tenant {TENANT}; make real ones with `clinicbox token create`)",
+        app = made[0],
+        device = made[1],
+        admin = made[2],
+    );
+    let reload_config = config.clone();
+    crate::daemon::run(
+        dir.clone(),
+        config,
+        Box::new(move || Ok(reload_config.clone())),
+        |addr| eprintln!("clinicbox: serving on http://{addr}"),
+    )
 }

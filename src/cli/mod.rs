@@ -13,7 +13,9 @@ mod fhir;
 mod init;
 mod key;
 mod plugin;
+mod run;
 mod sync;
+mod token;
 mod trust;
 
 use std::path::PathBuf;
@@ -47,6 +49,10 @@ pub struct Cli {
     /// defaults apply. [default: /etc/clinicbox/clinicbox.toml]
     #[arg(long, global = true, env = "CLINICBOX_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Where compiled plugin code is cached (systemd: CacheDirectory).
+    /// [default: <data-dir>/cache]
+    #[arg(long, global = true, env = "CLINICBOX_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -85,6 +91,13 @@ pub enum Command {
     /// The local FHIR cache: import, read, search, stats.
     #[command(subcommand)]
     Fhir(fhir::Cmd),
+    /// Run the appliance: local API, inbox, sync, update channel (systemd).
+    Run,
+    /// Manage the local API's bearer tokens (device, app, admin).
+    #[command(subcommand)]
+    Token(token::Cmd),
+    /// Poll the vendor update channel once (`[updates]` in the config).
+    Update,
 }
 
 /// Process exit statuses (see docs/operations.md).
@@ -215,7 +228,7 @@ pub fn load_config(cli: &Cli) -> Result<Config> {
 /// Runs a parsed command line with its loaded config.
 pub fn run(cli: Cli, config: Config) -> Result<()> {
     let ctx = Ctx {
-        dir: DataDir::new(&cli.data_dir),
+        dir: DataDir::new(&cli.data_dir).with_cache(cli.cache_dir.clone()),
         config,
         out: Output { json: cli.json },
     };
@@ -230,5 +243,8 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Call(args) => call::run(&ctx, args),
         Command::Audit(cmd) => audit::run(&ctx, cmd),
         Command::Sync(args) => sync::run(&ctx, args),
+        Command::Run => run::run(&ctx, cli.config.clone()),
+        Command::Token(cmd) => token::run(&ctx, cmd),
+        Command::Update => run::update(&ctx),
     }
 }

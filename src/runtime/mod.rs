@@ -25,7 +25,7 @@
 //! - every call, refused or not, is recorded before its output is returned.
 
 pub mod abi;
-mod conns;
+pub(crate) mod conns;
 pub mod grants;
 pub mod host;
 pub mod host_fns;
@@ -252,6 +252,60 @@ impl Runtime {
             }
         }
         Err(refused(last_err))
+    }
+
+    /// The data dir, limits and audit log every call uses.
+    pub fn env(&self) -> &Env {
+        &self.env
+    }
+
+    /// Installed plugins and their current manifest digests, by name.
+    fn installed(&self) -> Result<Vec<(String, String)>> {
+        conns::with(&self.env.dir, Db::State, |state| {
+            let mut stmt =
+                state.prepare_cached("SELECT name, current FROM plugins ORDER BY name")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Loads (compiles, or takes from the code cache) every installed
+    /// plugin now, so the first call does not pay for it. Returns each
+    /// plugin with its version, or why it could not be loaded.
+    pub fn preload(&self) -> Result<Vec<(String, Result<String, String>)>> {
+        Ok(self
+            .installed()?
+            .into_iter()
+            .map(|(name, _)| {
+                let r = self
+                    .current(&name)
+                    .map(|l| l.version.clone())
+                    .map_err(|e| e.to_string());
+                (name, r)
+            })
+            .collect())
+    }
+
+    /// Every subscription of every installed plugin's current version, as
+    /// (plugin, subscription). Cheap when nothing changed: one query.
+    pub fn subscriptions(&self) -> Result<Vec<(String, crate::bundle::manifest::Subscription)>> {
+        let mut out = Vec::new();
+        for (name, digest) in self.installed()? {
+            let loaded = match self.cached(&name, &digest) {
+                Some(l) => l,
+                None => match self.current(&name) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        log::warn!("subscriptions of {name}: {e}");
+                        continue;
+                    }
+                },
+            };
+            for sub in &loaded.manifest.subscriptions {
+                out.push((name.clone(), sub.clone()));
+            }
+        }
+        Ok(out)
     }
 
     fn cached(&self, name: &str, digest: &str) -> Option<Arc<Loaded>> {

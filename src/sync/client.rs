@@ -66,6 +66,14 @@ pub enum SyncError {
     /// Our side: unreadable config files and the like.
     #[error("upstream: {0}")]
     Local(String),
+    /// A download was larger than its cap.
+    #[error("{url}: more than {cap} bytes")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The cap.
+        cap: u64,
+    },
 }
 
 /// A configured upstream.
@@ -180,17 +188,7 @@ impl Client {
     /// GETs `url` (absolute, or relative to the base) and returns the JSON
     /// answer of a 2xx. An absolute URL must be on the base URL.
     pub fn get(&self, url: &str) -> Result<Value, SyncError> {
-        let url = if url.starts_with("http://") || url.starts_with("https://") {
-            if !url.starts_with(&format!("{}/", self.base)) && url != self.base {
-                return Err(SyncError::Protocol {
-                    url: url.to_owned(),
-                    reason: format!("a link leaves the upstream base {}", self.base),
-                });
-            }
-            url.to_owned()
-        } else {
-            format!("{}/{}", self.base, url.trim_start_matches('/'))
-        };
+        let url = self.absolute(url)?;
         let mut req = self
             .agent
             .get(&url)
@@ -200,6 +198,49 @@ impl Client {
         }
         let resp = req.call().map_err(|e| classify(&url, e))?;
         self.json_of(&url, resp)
+    }
+
+    /// GETs `url` (absolute on the base, or relative to it) and returns
+    /// the body of a 2xx, at most `cap` bytes ([`SyncError::TooLarge`]
+    /// beyond, without reading more than one byte past it).
+    pub fn get_bytes(&self, url: &str, cap: u64) -> Result<Vec<u8>, SyncError> {
+        let url = self.absolute(url)?;
+        let mut req = self.agent.get(&url);
+        if let Some(b) = &self.bearer {
+            req = req.header("Authorization", b);
+        }
+        let mut resp = req.call().map_err(|e| classify(&url, e))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(SyncError::Status {
+                url,
+                status,
+                body: String::new(),
+            });
+        }
+        let bytes = match resp.body_mut().with_config().limit(cap + 1).read_to_vec() {
+            Ok(b) => b,
+            Err(ureq::Error::BodyExceedsLimit(_)) => return Err(SyncError::TooLarge { url, cap }),
+            Err(e) => return Err(classify(&url, e)),
+        };
+        if bytes.len() as u64 > cap {
+            return Err(SyncError::TooLarge { url, cap });
+        }
+        Ok(bytes)
+    }
+
+    fn absolute(&self, url: &str) -> Result<String, SyncError> {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            if !url.starts_with(&format!("{}/", self.base)) && url != self.base {
+                return Err(SyncError::Protocol {
+                    url: url.to_owned(),
+                    reason: format!("a link leaves the upstream base {}", self.base),
+                });
+            }
+            Ok(url.to_owned())
+        } else {
+            Ok(format!("{}/{}", self.base, url.trim_start_matches('/')))
+        }
     }
 
     fn json_of(

@@ -52,6 +52,7 @@ pub fn source(name: &str, version: &str) -> ManifestSource {
             timeout_ms: 50,
         },
         description: None,
+        subscriptions: vec![],
     }
 }
 

@@ -297,6 +297,7 @@ use codes::*;
 /// Code tables, one entry per line.
 #[rustfmt::skip]
 mod codes;
+pub mod round;
 
 fn medication(i: usize, med: &(&str, &str, &str), win: &Window) -> Value {
     json!({

@@ -1,0 +1,46 @@
+//! `clinicbox run` (the daemon, see [`crate::daemon`]) and `clinicbox
+//! update` (one poll of the vendor update channel).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+use super::Ctx;
+use crate::config::Config;
+
+/// Runs the daemon until SIGTERM. SIGHUP re-reads `config_path` (or the
+/// default path) with the same rules as at start.
+pub fn run(ctx: &Ctx, config_path: Option<PathBuf>) -> Result<()> {
+    let reload = Box::new(move || Ok(Config::load(config_path.as_deref())?));
+    crate::daemon::run(ctx.dir.clone(), ctx.config.clone(), reload, |addr| {
+        eprintln!("clinicbox: serving on http://{addr}");
+    })
+}
+
+/// Polls the update channel once and prints what it did.
+pub fn update(ctx: &Ctx) -> Result<()> {
+    let Some(up) = &ctx.config.updates else {
+        bail!("no [updates] in the config; nothing to poll");
+    };
+    let report = crate::update::poll_once(&ctx.dir, up, &ctx.config.limits)?;
+    let refused = report
+        .bundles
+        .iter()
+        .filter(|(_, o)| o.starts_with("refused"))
+        .count();
+    ctx.out.emit(&report, || {
+        let mut s = format!(
+            "index version {} accepted; {} installed\n",
+            report.index_version.unwrap_or(0),
+            report.installed
+        );
+        for (file, outcome) in &report.bundles {
+            s += &format!("  {file}: {outcome}\n");
+        }
+        s
+    })?;
+    if refused > 0 {
+        bail!("{refused} bundles were refused (see above)");
+    }
+    Ok(())
+}

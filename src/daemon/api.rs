@@ -1,0 +1,571 @@
+//! The local API's routes: authentication, roles, and the handlers.
+//!
+//! | route | who | what |
+//! | --- | --- | --- |
+//! | `GET /healthz` | anyone | the process is alive |
+//! | `GET /readyz` | anyone | plugins loaded, not draining |
+//! | `GET /metrics` | admin | Prometheus text |
+//! | `GET /status` | admin | JSON: plugins, audit backlog, sync, inbox |
+//! | `POST /plugins/{vendor}/{name}/{function}` | app, admin | run a plugin |
+//! | `POST /fhir/Observation`, `POST /fhir/Bundle` | device, admin | ingest vitals ([`super::ingest`]) |
+//! | `GET /fhir/{Type}?…`, `GET /fhir/{Type}/{id}` | app, admin | search / read within the token's scopes |
+//!
+//! Invariants:
+//! - the tenant always comes from the token; a request naming another
+//!   tenant (`X-Tenant`) gets 403;
+//! - every 401 and 403 is recorded in the audit log (`api.denied`) before
+//!   it is answered, as is every FHIR read or search (`fhir.access`); plugin
+//!   calls are recorded by the runtime;
+//! - errors are FHIR `OperationOutcome`s that say what was wrong.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use hyper::Method;
+use hyper::http::request::Parts;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::App;
+use crate::audit::log::Entry;
+use crate::fhir::search::{self, Grants, SearchContext, SearchError};
+use crate::runtime::conns::{self, Db};
+use crate::runtime::{CallError, CallRequest};
+use crate::tokens::{self, AuthError, Principal, Role};
+
+/// An answer, before it becomes an HTTP response.
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Content type.
+    pub content_type: &'static str,
+    /// Extra headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: u16, v: &Value) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            headers: vec![],
+            body: v.to_string().into_bytes(),
+        }
+    }
+
+    /// A FHIR JSON answer.
+    pub fn fhir(status: u16, body: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            content_type: "application/fhir+json",
+            headers: vec![],
+            body,
+        }
+    }
+
+    /// An `OperationOutcome` with one error issue (`code` from the FHIR
+    /// issue-type value set).
+    pub fn error(status: u16, code: &str, diagnostics: &str) -> Reply {
+        Reply::fhir(
+            status,
+            json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]})
+                .to_string()
+                .into_bytes(),
+        )
+    }
+
+    /// Adds `Retry-After`.
+    pub fn retry_after(mut self, secs: u32) -> Reply {
+        self.headers.push(("Retry-After", secs.to_string()));
+        self
+    }
+
+    fn header(mut self, k: &'static str, v: String) -> Reply {
+        self.headers.push((k, v));
+        self
+    }
+}
+
+/// `/healthz` and `/readyz`, answered without authentication and without
+/// leaving the executor.
+pub fn probe(app: &App, parts: &Parts) -> Option<(&'static str, Reply)> {
+    if parts.method != Method::GET {
+        return None;
+    }
+    match parts.uri.path() {
+        "/healthz" => Some(("healthz", Reply::json(200, &json!({"status": "ok"})))),
+        "/readyz" => {
+            let ready = app.ready.load(Ordering::Relaxed) && !app.draining.load(Ordering::Relaxed);
+            Some(if ready {
+                ("readyz", Reply::json(200, &json!({"status": "ready"})))
+            } else {
+                (
+                    "readyz",
+                    Reply::json(
+                        503,
+                        &json!({"status": if app.draining.load(Ordering::Relaxed) { "draining" } else { "starting" }}),
+                    ),
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Handles one authenticated-route request (on a blocking thread).
+pub fn handle(app: &App, peer: SocketAddr, parts: &Parts, body: &[u8]) -> (&'static str, Reply) {
+    let path = parts.uri.path();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let m = &parts.method;
+    let (route, roles, allowed): (&'static str, &[Role], &[Method]) = match segs.as_slice() {
+        ["metrics"] => ("metrics", &[Role::Admin], &[Method::GET]),
+        ["status"] => ("status", &[Role::Admin], &[Method::GET]),
+        ["plugins", _, _, _] => ("invoke", &[Role::App, Role::Admin], &[Method::POST]),
+        ["fhir", "Observation"] if m == Method::POST => {
+            ("ingest", &[Role::Device, Role::Admin], &[Method::POST])
+        }
+        ["fhir", "Bundle"] | ["fhir"] => ("ingest", &[Role::Device, Role::Admin], &[Method::POST]),
+        ["fhir", _] | ["fhir", _, _] => ("fhir", &[Role::App, Role::Admin], &[Method::GET]),
+        _ => {
+            return (
+                "unknown",
+                Reply::error(404, "not-found", &format!("no route {path}")),
+            );
+        }
+    };
+    if !allowed.contains(m) {
+        return (
+            route,
+            Reply::error(
+                405,
+                "not-supported",
+                &format!("{m} is not allowed on {path}"),
+            )
+            .header(
+                "Allow",
+                allowed
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        );
+    }
+    let who = match authenticate(app, parts) {
+        Ok(p) => p,
+        Err(e) => {
+            let reason = e.to_string();
+            deny(app, peer, parts, None, 401, &reason);
+            return (
+                route,
+                Reply::error(401, "login", &reason)
+                    .header("WWW-Authenticate", "Bearer realm=\"clinicbox\"".into()),
+            );
+        }
+    };
+    if !roles.contains(&who.role) {
+        let reason = format!(
+            "token {} has role {}; {route} needs {}",
+            who.id,
+            who.role,
+            roles
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        );
+        deny(app, peer, parts, Some(&who), 403, &reason);
+        return (route, Reply::error(403, "forbidden", &reason));
+    }
+    if let Some(t) = parts.headers.get("x-tenant")
+        && t.as_bytes() != who.tenant.as_bytes()
+    {
+        let reason = format!(
+            "token {} acts for tenant {}, not for {}",
+            who.id,
+            who.tenant,
+            String::from_utf8_lossy(t.as_bytes())
+        );
+        deny(app, peer, parts, Some(&who), 403, &reason);
+        return (route, Reply::error(403, "forbidden", &reason));
+    }
+    let reply = match route {
+        "metrics" => metrics(app),
+        "status" => status(app),
+        "invoke" => invoke(app, &who, &segs, body),
+        "ingest" => super::ingest::ingest(app, &who, &segs, body),
+        _ => fhir(app, &who, &segs, parts.uri.query()),
+    };
+    (route, reply)
+}
+
+fn authenticate(app: &App, parts: &Parts) -> Result<Principal, AuthError> {
+    let header = parts
+        .headers
+        .get(hyper::header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or(AuthError::Missing)?
+        .trim();
+    conns::with(&app.rt.env().dir, Db::State, |state| {
+        Ok(tokens::authenticate(state, token))
+    })
+    .unwrap_or_else(|e| {
+        log::error!("api: token lookup: {e:#}");
+        Err(AuthError::Unknown)
+    })
+}
+
+/// Records a refused request (401/403) durably.
+fn deny(
+    app: &App,
+    peer: SocketAddr,
+    parts: &Parts,
+    who: Option<&Principal>,
+    status: u16,
+    reason: &str,
+) {
+    let body = json!({
+        "status": status,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "remote": peer.ip().to_string(),
+        "token": who.map(|p| &p.id),
+        "token_name": who.map(|p| &p.name),
+        "role": who.map(|p| p.role),
+        "tenant": who.map(|p| &p.tenant),
+        "reason": reason,
+    });
+    if let Err(e) = app.rt.env().audit.append(Entry::new("api.denied", &body)) {
+        log::error!("api: cannot record a denied request: {e:#}");
+    }
+}
+
+/// Who asked, as recorded with calls and accesses.
+pub fn requester(who: &Principal) -> String {
+    format!("api:{}:{}", who.role, who.name)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvokeBody {
+    /// Patient id (or `Patient/<id>`).
+    patient: String,
+    /// HL7 v3 PurposeOfUse (default TREAT).
+    #[serde(default)]
+    purpose: Option<String>,
+    /// The plugin's input (any JSON; default `{}`).
+    #[serde(default)]
+    input: Option<Value>,
+}
+
+fn invoke(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
+    let (vendor, name, function) = (segs[1], segs[2], segs[3]);
+    let req: InvokeBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return Reply::error(
+                400,
+                "structure",
+                &format!(
+                    "request body: {e} (expected {{\"patient\": …, \"purpose\": …, \"input\": …}})"
+                ),
+            );
+        }
+    };
+    let patient = req
+        .patient
+        .strip_prefix("Patient/")
+        .unwrap_or(&req.patient)
+        .to_owned();
+    if !crate::fhir::is_valid_id(&patient) {
+        return Reply::error(
+            400,
+            "value",
+            &format!("field `patient`: {:?} is not a FHIR id", req.patient),
+        );
+    }
+    let purpose = req.purpose.unwrap_or_else(|| "TREAT".into());
+    if purpose.is_empty()
+        || purpose.len() > 64
+        || !purpose
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Reply::error(
+            400,
+            "value",
+            &format!("field `purpose`: {purpose:?} is not a PurposeOfUse code"),
+        );
+    }
+    let input = req
+        .input
+        .unwrap_or_else(|| json!({}))
+        .to_string()
+        .into_bytes();
+    let call = CallRequest {
+        tenant: who.tenant.clone(),
+        patient,
+        requester: requester(who),
+        purpose,
+        plugin: format!("{vendor}/{name}"),
+        function: function.to_owned(),
+        input,
+    };
+    match run_call(app, &call) {
+        Ok(out) => Reply::json(200, &out).header(
+            "X-Audit-Id",
+            out["call_id"].as_str().unwrap_or_default().to_owned(),
+        ),
+        Err(reply) => reply,
+    }
+}
+
+/// Runs a call, counting it; a success becomes the JSON the API returns.
+pub fn run_call(app: &App, call: &CallRequest) -> Result<Value, Reply> {
+    let started = std::time::Instant::now();
+    let result = app.rt.call(call);
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(CallError::Failed { .. }) => "failed",
+        Err(CallError::Busy(_)) => "busy",
+        Err(CallError::Quarantined { .. }) => "quarantined",
+        Err(_) => "refused",
+    };
+    app.metrics.call(&call.plugin, outcome, started.elapsed());
+    match result {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.output);
+            let output = serde_json::from_str::<Value>(&text)
+                .unwrap_or_else(|_| Value::String(text.into_owned()));
+            Ok(json!({
+                "call_id": out.call_id,
+                "plugin": call.plugin,
+                "function": call.function,
+                "version": out.version,
+                "output": output,
+            }))
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            Err(match e {
+                CallError::NotInstalled(_) => Reply::error(404, "not-found", &msg),
+                CallError::Quarantined { .. } => Reply::error(503, "suppressed", &msg),
+                CallError::Busy(_) => Reply::error(503, "throttled", &msg).retry_after(1),
+                CallError::Refused(_) if msg.contains("fail-closed") => {
+                    Reply::error(503, "transient", &msg)
+                }
+                CallError::Refused(_) => Reply::error(403, "forbidden", &msg),
+                CallError::Failed { .. } => Reply::error(422, "processing", &msg),
+            })
+        }
+    }
+}
+
+fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply {
+    let env = app.rt.env();
+    let grants = if who.role == Role::Admin && who.scopes.is_empty() {
+        Grants::All
+    } else {
+        Grants::Scopes(&who.scopes)
+    };
+    let ctx = SearchContext {
+        tenant: &who.tenant,
+        patient: None,
+        grants,
+    };
+    let (action, text) = match segs {
+        [_, ty, id] => ("read", format!("{ty}/{id}")),
+        [_, ty] => (
+            "search",
+            match query {
+                Some(q) => format!("{ty}?{q}"),
+                None => (*ty).to_owned(),
+            },
+        ),
+        _ => return Reply::error(404, "not-found", "no such FHIR route"),
+    };
+    let text = percent_encoding::percent_decode_str(&text)
+        .decode_utf8_lossy()
+        .into_owned();
+    let result: anyhow::Result<Result<Vec<u8>, SearchError>> = (|| {
+        if let Some(reason) = conns::with(&env.dir, Db::Audit, |a| {
+            crate::audit::over_budget(a, &env.limits)
+        })? {
+            return Ok(Err(SearchError::Invalid(reason)));
+        }
+        conns::with(&env.dir, Db::Fhir, |conn| {
+            Ok(if action == "read" {
+                search::read(conn, &ctx, &text).map(String::into_bytes)
+            } else {
+                search::parse(&text, &env.limits)
+                    .and_then(|q| search::search(conn, &ctx, &q))
+                    .and_then(|b| {
+                        serde_json::to_vec(&b).map_err(|e| SearchError::Invalid(e.to_string()))
+                    })
+            })
+        })
+    })();
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("api: fhir {action}: {e:#}");
+            return Reply::error(
+                500,
+                "exception",
+                "the FHIR cache failed; see the daemon log",
+            );
+        }
+    };
+    let (ok, detail) = match &result {
+        Ok(_) => (true, "ok".to_owned()),
+        Err(e) => (false, e.to_string()),
+    };
+    let record = json!({
+        "action": action,
+        "host_fn": if action == "read" { "fhir_read" } else { "fhir_search" },
+        "requester": requester(who),
+        "token": who.id,
+        "tenant": who.tenant,
+        "patient": Value::Null,
+        "query": text,
+        "outcome": if ok { "ok" } else { "denied" },
+        "detail": detail,
+    });
+    if let Err(e) = env.audit.append(Entry::new("fhir.access", &record)) {
+        log::error!("api: cannot record a FHIR access: {e:#}");
+        return Reply::error(
+            503,
+            "transient",
+            "the access could not be recorded, so it is refused",
+        );
+    }
+    match result {
+        Ok(body) => Reply::fhir(200, body),
+        Err(SearchError::NotFound(r)) => {
+            Reply::error(404, "not-found", &format!("{r}: not found or not granted"))
+        }
+        Err(SearchError::NotGranted(t)) => Reply::error(
+            403,
+            "forbidden",
+            &format!("{t}: not granted to token {}", who.id),
+        ),
+        Err(SearchError::Invalid(m)) if m.starts_with("fail-closed") => {
+            Reply::error(503, "transient", &m)
+        }
+        Err(e @ (SearchError::Invalid(_) | SearchError::OtherPatient { .. })) => {
+            Reply::error(400, "invalid", &e.to_string())
+        }
+        Err(SearchError::Db(e)) => {
+            log::error!("api: fhir {action}: {e}");
+            Reply::error(
+                500,
+                "exception",
+                "the FHIR cache failed; see the daemon log",
+            )
+        }
+    }
+}
+
+fn metrics(app: &App) -> Reply {
+    let env = app.rt.env();
+    let mut gauges: Vec<(&str, &str, f64)> = vec![];
+    let durable = (|| -> anyhow::Result<()> {
+        let (records, bytes) = conns::with(&env.dir, Db::Audit, crate::audit::log::backlog_bytes)?;
+        gauges.push((
+            "clinicbox_audit_backlog_records",
+            "Audit records not yet acknowledged upstream.",
+            records as f64,
+        ));
+        gauges.push((
+            "clinicbox_audit_backlog_bytes",
+            "Body bytes of the audit backlog.",
+            bytes as f64,
+        ));
+        let fail_closed = env
+            .limits
+            .audit_budget_bytes
+            .is_some_and(|b| bytes as u64 > b);
+        gauges.push((
+            "clinicbox_audit_fail_closed",
+            "1 while PHI requests are refused for the backlog.",
+            f64::from(u8::from(fail_closed)),
+        ));
+        let (installed, quarantined): (i64, i64) = conns::with(&env.dir, Db::State, |s| {
+            Ok(s.query_row(
+                "SELECT (SELECT count(*) FROM plugins), (SELECT count(*) FROM plugin_health WHERE quarantined_at IS NOT NULL)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })?;
+        gauges.push((
+            "clinicbox_plugins_installed",
+            "Installed plugins.",
+            installed as f64,
+        ));
+        gauges.push((
+            "clinicbox_plugins_quarantined",
+            "Quarantined plugins.",
+            quarantined as f64,
+        ));
+        let last: Option<String> = conns::with(&env.dir, Db::Audit, |a| {
+            Ok(a.query_row(
+                "SELECT last_success FROM sync_state WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )?)
+        })?;
+        let ts = last
+            .and_then(|t| crate::bundle::manifest::parse_time(&t).ok())
+            .map_or(0.0, |t| t.unix_timestamp() as f64);
+        gauges.push((
+            "clinicbox_sync_last_success_timestamp_seconds",
+            "Last successful upstream sync (0: never).",
+            ts,
+        ));
+        Ok(())
+    })();
+    if let Err(e) = durable {
+        log::error!("api: metrics: {e:#}");
+    }
+    gauges.push(("clinicbox_up", "1 while the daemon serves.", 1.0));
+    let mut r = Reply::json(200, &Value::Null);
+    r.content_type = "text/plain; version=0.0.4";
+    r.body = app.metrics.render(&gauges).into_bytes();
+    r
+}
+
+fn status(app: &App) -> Reply {
+    let env = app.rt.env();
+    let config = app.config();
+    let plugins = conns::with(&env.dir, Db::State, |s| {
+        let mut stmt = s.prepare_cached(
+            "SELECT p.name, v.version, h.quarantined_at, h.reason FROM plugins p JOIN plugin_versions v ON v.digest = p.current LEFT JOIN plugin_health h ON h.plugin = p.name ORDER BY p.name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(json!({"name": r.get::<_, String>(0)?, "version": r.get::<_, String>(1)?, "quarantined_at": r.get::<_, Option<String>>(2)?, "quarantine_reason": r.get::<_, Option<String>>(3)?}))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    });
+    let sync = crate::sync::upload::status(&env.dir, config.upstream.as_ref(), &env.limits);
+    let body = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": app.started.elapsed().as_secs(),
+        "listen": config.daemon.listen,
+        "ready": app.ready.load(Ordering::Relaxed),
+        "draining": app.draining.load(Ordering::Relaxed),
+        "inbox": app.inbox.display().to_string(),
+        "plugins": plugins.map_err(|e| format!("{e:#}")).unwrap_or_else(|e| vec![json!({"error": e})]),
+        "audit": sync.map(|s| serde_json::to_value(s).unwrap_or(Value::Null)).unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
+        "updates": config.updates.as_ref().map(|u| &u.url),
+        "inflight_requests": app.metrics.inflight.load(Ordering::Relaxed),
+    });
+    Reply::json(200, &body)
+}

@@ -1,0 +1,222 @@
+//! The local API's HTTP/1.1 plumbing: hyper on smol, with every request
+//! bound from [`Limits`] applied before a handler sees the request.
+//!
+//! - connections: at most `max_connections`; one more gets a bare 503 and
+//!   is closed;
+//! - request head: at most `max_request_head_bytes` (hyper answers 431) and
+//!   `request_head_timeout_ms` to arrive (a slowloris client is dropped);
+//!   a malformed head gets hyper's 400;
+//! - body: a declared length over `max_request_body_bytes` gets 413 before
+//!   any of it is read; a streamed one is cut off at the bound (413); it
+//!   must arrive within `request_body_timeout_ms` (else 408);
+//! - work: at most `max_inflight_requests` at once; more get 503 with
+//!   `Retry-After`, so a burst never queues without bound.
+//!
+//! Handlers ([`super::api::handle`]) are synchronous (SQLite, wasmtime) and
+//! run on smol's blocking pool, never on the executor threads.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use smol::Async;
+use smol::io::AsyncWriteExt;
+use smol_hyper::rt::{FuturesIo, SmolTimer};
+
+use super::App;
+use super::api::{self, Reply};
+
+/// Accepts connections until `stop` fires, serving each on `ex`.
+pub async fn serve(
+    app: Arc<App>,
+    listener: Async<TcpListener>,
+    ex: Arc<smol::Executor<'static>>,
+    stop: smol::channel::Receiver<()>,
+) {
+    loop {
+        let accepted = smol::future::or(async { Some(listener.accept().await) }, async {
+            let _ = stop.recv().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { break };
+        let (mut stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep going.
+                log::warn!("api: accept failed: {e}");
+                smol::Timer::after(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let limits = app.rt.env().limits.clone();
+        let open = app.metrics.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if open as usize > limits.max_connections {
+            app.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            app.metrics.request("overload", 503);
+            ex.spawn(async move {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            })
+            .detach();
+            continue;
+        }
+        let app = app.clone();
+        ex.spawn(async move {
+            let guard = ConnGuard(app.clone());
+            let svc = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(respond(app, peer, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(SmolTimer::new())
+                .header_read_timeout(Duration::from_millis(limits.request_head_timeout_ms))
+                .max_buf_size(limits.max_request_head_bytes.max(8192))
+                .serve_connection(FuturesIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                log::debug!("api: connection from {peer}: {e}");
+            }
+            drop(guard);
+        })
+        .detach();
+    }
+}
+
+struct ConnGuard(Arc<App>);
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct InflightGuard(Arc<App>);
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.metrics.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn respond(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let (route, reply) = serve_one(&app, peer, req).await;
+    app.metrics.request(route, reply.status);
+    log::debug!(
+        "api: {peer} {route} {} in {} µs",
+        reply.status,
+        started.elapsed().as_micros()
+    );
+    let draining = app.draining.load(Ordering::Relaxed);
+    to_response(reply, draining)
+}
+
+async fn serve_one(
+    app: &Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> (&'static str, Reply) {
+    let limits = app.rt.env().limits.clone();
+    let n = app.metrics.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+    let _inflight = InflightGuard(app.clone());
+    let (parts, body) = req.into_parts();
+    // Liveness and readiness answer even when busy or draining.
+    if let Some(r) = api::probe(app, &parts) {
+        return r;
+    }
+    if app.draining.load(Ordering::Relaxed) {
+        return (
+            "draining",
+            Reply::error(503, "transient", "clinicbox is shutting down").retry_after(1),
+        );
+    }
+    if n as usize > limits.max_inflight_requests {
+        return (
+            "overload",
+            Reply::error(503, "throttled", "too many requests in flight; retry").retry_after(1),
+        );
+    }
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limits.max_request_body_bytes as u64) {
+        return ("body", too_large(&limits));
+    }
+    let read = Limited::new(body, limits.max_request_body_bytes).collect();
+    let timeout = async {
+        smol::Timer::after(Duration::from_millis(limits.request_body_timeout_ms)).await;
+        Err(None)
+    };
+    let body = match smol::future::or(async { read.await.map_err(Some) }, timeout).await {
+        Ok(b) => b.to_bytes(),
+        Err(None) => {
+            return (
+                "body",
+                Reply::error(
+                    408,
+                    "timeout",
+                    &format!(
+                        "the request body did not arrive within {} ms",
+                        limits.request_body_timeout_ms
+                    ),
+                ),
+            );
+        }
+        Err(Some(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return ("body", too_large(&limits));
+            }
+            return (
+                "body",
+                Reply::error(
+                    400,
+                    "structure",
+                    &format!("cannot read the request body: {e}"),
+                ),
+            );
+        }
+    };
+    let app = app.clone();
+    smol::unblock(move || api::handle(&app, peer, &parts, &body)).await
+}
+
+fn too_large(limits: &crate::limits::Limits) -> Reply {
+    Reply::error(
+        413,
+        "too-costly",
+        &format!(
+            "the request body is over {} bytes",
+            limits.max_request_body_bytes
+        ),
+    )
+}
+
+fn to_response(reply: Reply, close: bool) -> Response<Full<Bytes>> {
+    let mut b = Response::builder()
+        .status(reply.status)
+        .header("Content-Type", reply.content_type)
+        .header("Cache-Control", "no-store");
+    for (k, v) in &reply.headers {
+        b = b.header(*k, v.as_str());
+    }
+    if close {
+        b = b.header("Connection", "close");
+    }
+    b.body(Full::new(Bytes::from(reply.body)))
+        .unwrap_or_else(|e| {
+            log::error!("api: cannot build a response: {e}");
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            r
+        })
+}

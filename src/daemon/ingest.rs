@@ -1,0 +1,226 @@
+//! Device ingest: `POST /fhir/Observation` (one Observation) and
+//! `POST /fhir/Bundle` (a Bundle of Observations) from bedside devices.
+//!
+//! Steps, each before the next:
+//! 1. parse and check every resource (an Observation with a
+//!    `subject` of `Patient/<id>`); one bad entry refuses the whole request
+//!    with 400/422 naming the entry and field, and nothing is stored;
+//! 2. store them in the token's tenant in one transaction (an Observation
+//!    without `id` gets a new UUID, as a FHIR create would);
+//! 3. record `fhir.ingest` in the audit log (durable);
+//! 4. run, per patient, every plugin function whose manifest subscription
+//!    matches one of the stored resources, with input
+//!    `{"patient": "Patient/<id>"}`; each call is recorded by the runtime;
+//! 5. answer 201 with what was stored and each triggered call's output
+//!    (e.g. a NEWS2 `RiskAssessment`) or error.
+
+use serde_json::{Value, json};
+
+use super::App;
+use super::api::{Reply, requester, run_call};
+use crate::audit::log::Entry;
+use crate::fhir::{self, store};
+use crate::runtime::CallRequest;
+use crate::runtime::conns::{self, Db};
+use crate::tokens::Principal;
+
+/// Handles an ingest request.
+pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
+    let env = app.rt.env();
+    let doc: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Reply::error(400, "structure", &format!("request body is not JSON: {e}")),
+    };
+    let expect_bundle = segs.len() == 1 || segs[1] == "Bundle";
+    let resources = match collect(doc, expect_bundle, env.limits.max_ingest_entries) {
+        Ok(r) => r,
+        Err(msg) => return Reply::error(422, "invalid", &msg),
+    };
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let stored = conns::with(&env.dir, Db::Fhir, |conn| {
+        let tx =
+            rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+        let tid = fhir::tenant_id(&tx, &who.tenant, true)?
+            .ok_or_else(|| anyhow::anyhow!("tenant {} could not be created", who.tenant))?;
+        for (_, _, res) in &resources {
+            store::upsert(&tx, tid, res.clone(), now_ms as i64)?;
+        }
+        tx.commit()?;
+        Ok(())
+    });
+    if let Err(e) = stored {
+        log::error!("api: ingest: {e:#}");
+        return Reply::error(500, "exception", &format!("cannot store: {e:#}"));
+    }
+    app.metrics
+        .ingested
+        .fetch_add(resources.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let refs: Vec<String> = resources
+        .iter()
+        .map(|(id, _, _)| format!("Observation/{id}"))
+        .collect();
+    let record = json!({
+        "action": "ingest",
+        "requester": requester(who),
+        "token": who.id,
+        "tenant": who.tenant,
+        "resources": refs,
+        "patients": resources.iter().map(|(_, p, _)| p).collect::<std::collections::BTreeSet<_>>(),
+    });
+    if let Err(e) = env.audit.append(Entry::new("fhir.ingest", &record)) {
+        log::error!("api: cannot record an ingest: {e:#}");
+        return Reply::error(
+            503,
+            "transient",
+            "stored, but the ingest could not be recorded; retry",
+        );
+    }
+    let subs = match app.rt.subscriptions() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("api: subscriptions: {e:#}");
+            vec![]
+        }
+    };
+    // (plugin, function, patient), each once, in a stable order.
+    let mut triggers = std::collections::BTreeSet::new();
+    for (plugin, sub) in &subs {
+        for (id, patient, res) in &resources {
+            if sub.matches(res, id) {
+                triggers.insert((plugin.clone(), sub.function.clone(), patient.clone()));
+            }
+        }
+    }
+    let mut triggered = Vec::new();
+    for (plugin, function, patient) in triggers {
+        let call = CallRequest {
+            tenant: who.tenant.clone(),
+            patient: patient.clone(),
+            requester: requester(who),
+            purpose: "TREAT".into(),
+            plugin: plugin.clone(),
+            function: function.clone(),
+            input: json!({"patient": format!("Patient/{patient}")})
+                .to_string()
+                .into_bytes(),
+        };
+        triggered.push(match run_call(app, &call) {
+            Ok(mut v) => {
+                v["patient"] = json!(format!("Patient/{patient}"));
+                v
+            }
+            Err(reply) => json!({
+                "plugin": plugin,
+                "function": function,
+                "patient": format!("Patient/{patient}"),
+                "status": reply.status,
+                "error": serde_json::from_slice::<Value>(&reply.body).unwrap_or(Value::Null),
+            }),
+        });
+    }
+    Reply::json(201, &json!({"stored": refs, "triggered": triggered}))
+}
+
+/// The request's Observations as (id, patient, resource), all checked.
+fn collect(
+    doc: Value,
+    expect_bundle: bool,
+    max: usize,
+) -> Result<Vec<(String, String, Value)>, String> {
+    let ty = doc
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let list: Vec<(String, Value)> = if expect_bundle {
+        if ty != "Bundle" {
+            return Err(format!("resourceType: expected Bundle, got {ty:?}"));
+        }
+        let Some(entries) = doc.get("entry").and_then(Value::as_array) else {
+            return Err("Bundle.entry: missing or not an array".into());
+        };
+        if entries.is_empty() || entries.len() > max {
+            return Err(format!(
+                "Bundle.entry: must hold 1 to {max} entries, has {}",
+                entries.len()
+            ));
+        }
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match e.get("resource") {
+                Some(r) => Ok((format!("Bundle.entry[{i}].resource"), r.clone())),
+                None => Err(format!("Bundle.entry[{i}]: no resource")),
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![("Observation".to_owned(), doc)]
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (at, mut res) in list {
+        let rty = res
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if rty != "Observation" {
+            return Err(format!(
+                "{at}.resourceType: device ingest takes Observations, got {rty:?}"
+            ));
+        }
+        let id = match res.get("id") {
+            None => {
+                let id = crate::audit::log::uuid_v4().map_err(|e| format!("{e:#}"))?;
+                res["id"] = json!(id);
+                id
+            }
+            Some(Value::String(s)) if fhir::is_valid_id(s) => s.clone(),
+            Some(other) => return Err(format!("{at}.id: {other} is not a FHIR id")),
+        };
+        let subject = res
+            .pointer("/subject/reference")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let Some(patient) = subject
+            .strip_prefix("Patient/")
+            .filter(|p| fhir::is_valid_id(p))
+        else {
+            return Err(format!(
+                "{at}.subject.reference: must be Patient/<id>, got {subject:?}"
+            ));
+        };
+        if res.get("status").and_then(Value::as_str).is_none() {
+            return Err(format!("{at}.status: required"));
+        }
+        if res.get("code").is_none() {
+            return Err(format!("{at}.code: required"));
+        }
+        store::last_updated_ms(&res).map_err(|e| format!("{at}.meta.lastUpdated: {e}"))?;
+        out.push((id, patient.to_owned(), res));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collect_checks_every_entry_and_names_it() {
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {}, "subject": {"reference": "Patient/p1"}});
+        let got = collect(obs.clone(), false, 10).unwrap();
+        assert_eq!(got[0].1, "p1");
+        assert_eq!(got[0].0.len(), 36, "a new id was assigned");
+        let mut bad = obs.clone();
+        bad["subject"] = json!({"reference": "Group/g"});
+        let bundle =
+            json!({"resourceType": "Bundle", "entry": [{"resource": obs}, {"resource": bad}]});
+        let e = collect(bundle, true, 10).unwrap_err();
+        assert!(
+            e.starts_with("Bundle.entry[1].resource.subject.reference"),
+            "{e}"
+        );
+        let e = collect(json!({"resourceType": "Patient"}), false, 10).unwrap_err();
+        assert!(e.contains("takes Observations"), "{e}");
+        let many = json!({"resourceType": "Bundle", "entry": vec![json!({}); 11]});
+        assert!(collect(many, true, 10).unwrap_err().contains("1 to 10"));
+    }
+}

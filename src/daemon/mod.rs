@@ -1,0 +1,368 @@
+//! `clinicbox run`: the long-running appliance.
+//!
+//! Start-up, in order: complete the data dir (`init` is idempotent), bind
+//! the API address, load every installed plugin, then tell systemd
+//! `READY=1` and serve. While running:
+//! - the local API ([`http`], [`api`], [`ingest`]) on smol executor
+//!   threads, with blocking work on smol's blocking pool;
+//! - the inbox ([`inbox`]) scanned every `daemon.inbox_poll_ms`;
+//! - audit upload and FHIR sync-down ([`crate::sync::pass`]) every
+//!   `upstream.interval_secs`, with jittered backoff after a failure;
+//! - the vendor update channel ([`crate::update`]) every
+//!   `updates.interval_secs`;
+//! - `WATCHDOG=1` from the main loop at half the watchdog interval.
+//!
+//! Signals: SIGHUP reloads the config file (upstream, updates, inbox
+//! period; `[limits]` and `api.listen` need a restart, and a reload says
+//! so). SIGTERM or SIGINT drains: `/readyz` turns 503, new requests get
+//! 503, requests in flight get up to `daemon.drain_secs` to finish (each
+//! plugin call's record is committed before its answer is sent, so a call
+//! is either recorded and answered, or neither), background loops stop,
+//! and the process exits 0.
+//!
+//! Invariant: no background failure ends the daemon; it is logged, counted
+//! in `/metrics`, and retried.
+
+pub mod api;
+mod http;
+pub mod inbox;
+pub mod ingest;
+pub mod metrics;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::datadir::DataDir;
+use crate::runtime::Runtime;
+use crate::sync::backoff::Backoff;
+
+/// What the daemon's parts share.
+pub struct App {
+    /// The plugin runtime (and through it the data dir, limits, audit log).
+    pub rt: Runtime,
+    config: RwLock<Config>,
+    /// Counters for `/metrics`.
+    pub metrics: metrics::Metrics,
+    /// Set once plugins are loaded.
+    pub ready: AtomicBool,
+    /// Set on SIGTERM.
+    pub draining: AtomicBool,
+    /// When the daemon started.
+    pub started: Instant,
+    /// The inbox directory.
+    pub inbox: PathBuf,
+    stop: Stop,
+}
+
+impl App {
+    /// The current config (reloaded on SIGHUP).
+    pub fn config(&self) -> Config {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A stop flag that interrupts sleeps.
+#[derive(Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stop {
+    fn set(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+    /// Sleeps up to `d`; true if stopped meanwhile.
+    fn sleep(&self, d: Duration) -> bool {
+        let g = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .wake
+            .wait_timeout_while(g, d, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
+    }
+    fn is_set(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How the daemon re-reads its config on SIGHUP.
+pub type Reload = Box<dyn Fn() -> Result<Config> + Send>;
+
+/// Runs the daemon until SIGTERM/SIGINT. `on_listen` is told the bound
+/// address (the demo prints curl examples with it).
+pub fn run(
+    dir: DataDir,
+    config: Config,
+    reload: Reload,
+    on_listen: impl FnOnce(std::net::SocketAddr),
+) -> Result<()> {
+    let started = Instant::now();
+    dir.init()?;
+    let inbox = config
+        .daemon
+        .inbox
+        .clone()
+        .unwrap_or_else(|| dir.root().join("inbox"));
+    inbox::prepare(&inbox)?;
+    let listener = TcpListener::bind(&config.daemon.listen)
+        .with_context(|| format!("cannot listen on {} (api.listen)", config.daemon.listen))?;
+    let addr = listener.local_addr()?;
+    let rt = Runtime::new(dir.clone(), config.limits.clone())?;
+    for (name, r) in rt.preload()? {
+        match r {
+            Ok(v) => log::info!("loaded {name} {v}"),
+            Err(e) => log::warn!("not loaded: {name}: {e}"),
+        }
+    }
+    let app = Arc::new(App {
+        rt,
+        config: RwLock::new(config),
+        metrics: metrics::Metrics::default(),
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        started,
+        inbox,
+        stop: Stop::default(),
+    });
+
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("cannot install signal handlers")?;
+    let signal_handle = signals.handle();
+    let (sig_tx, sig_rx) = smol::channel::unbounded();
+    let signal_thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signals = signals;
+            for s in signals.forever() {
+                if sig_tx.send_blocking(s).is_err() {
+                    break;
+                }
+            }
+        })?;
+
+    let ex = Arc::new(smol::Executor::new());
+    let (stop_accept_tx, stop_accept_rx) = smol::channel::bounded::<()>(1);
+    let (stop_ex_tx, stop_ex_rx) = smol::channel::bounded::<()>(1);
+    let mut threads = Vec::new();
+    for i in 0..2 {
+        let ex = ex.clone();
+        let rx = stop_ex_rx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("api-{i}"))
+                .spawn(move || smol::block_on(ex.run(async { rx.recv().await.ok() })))?,
+        );
+    }
+    let listener = smol::Async::new(listener)?;
+    ex.spawn(http::serve(
+        app.clone(),
+        listener,
+        ex.clone(),
+        stop_accept_rx,
+    ))
+    .detach();
+
+    let background = vec![
+        spawn_loop("inbox", &app, inbox_loop)?,
+        spawn_loop("sync", &app, sync_loop)?,
+        spawn_loop("updates", &app, update_loop)?,
+    ];
+
+    app.ready.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {addr}")),
+    ]);
+    log::info!(
+        "clinicbox {} ready on http://{addr} in {} ms",
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed().as_millis()
+    );
+    note(
+        &app,
+        "daemon",
+        json!({"action": "start", "listen": addr.to_string()}),
+    );
+    on_listen(addr);
+
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    loop {
+        let tick = watchdog.unwrap_or(Duration::from_secs(3600));
+        let sig = smol::block_on(smol::future::or(
+            async { sig_rx.recv().await.ok() },
+            async {
+                smol::Timer::after(tick).await;
+                Some(0)
+            },
+        ));
+        match sig {
+            Some(0) => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Some(signal_hook::consts::SIGHUP) => reload_config(&app, &reload),
+            Some(s) => {
+                log::info!("signal {s}: draining");
+                break;
+            }
+            None => break,
+        }
+    }
+
+    // Drain.
+    app.draining.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_accept_tx.try_send(());
+    let drain = app.config().daemon.drain;
+    let deadline = Instant::now() + drain;
+    while app.metrics.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let left = app.metrics.inflight.load(Ordering::SeqCst);
+    app.stop.set();
+    for t in background {
+        let _ = t.join();
+    }
+    for _ in 0..threads.len() {
+        let _ = stop_ex_tx.try_send(());
+    }
+    drop(stop_ex_tx);
+    for t in threads {
+        let _ = t.join();
+    }
+    signal_handle.close();
+    let _ = signal_thread.join();
+    note(
+        &app,
+        "daemon",
+        json!({"action": "stop", "unfinished_requests": left}),
+    );
+    if left > 0 {
+        log::warn!("stopped with {left} requests unfinished after {drain:?}");
+    } else {
+        log::info!("stopped cleanly");
+    }
+    Ok(())
+}
+
+fn note(app: &App, kind: &'static str, body: serde_json::Value) {
+    if let Err(e) = app
+        .rt
+        .env()
+        .audit
+        .append(crate::audit::log::Entry::new(kind, &body))
+    {
+        log::error!("cannot record {kind}: {e:#}");
+    }
+}
+
+fn reload_config(app: &App, reload: &Reload) {
+    match reload() {
+        Ok(new) => {
+            let old = app.config();
+            if new.limits != old.limits || new.daemon.listen != old.daemon.listen {
+                log::warn!(
+                    "config reloaded; changes to [limits] and api.listen take effect at the next restart"
+                );
+            } else {
+                log::info!("config reloaded");
+            }
+            *app.config.write().unwrap_or_else(|p| p.into_inner()) = new;
+            note(app, "daemon", json!({"action": "reload", "outcome": "ok"}));
+        }
+        Err(e) => {
+            log::error!("config reload refused, keeping the running config: {e:#}");
+            note(
+                app,
+                "daemon",
+                json!({"action": "reload", "outcome": "refused", "reason": format!("{e:#}")}),
+            );
+        }
+    }
+}
+
+fn spawn_loop(name: &str, app: &Arc<App>, f: fn(&App)) -> Result<std::thread::JoinHandle<()>> {
+    let app = app.clone();
+    Ok(std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || f(&app))?)
+}
+
+fn inbox_loop(app: &App) {
+    let mut seen = inbox::Seen::new();
+    loop {
+        if let Err(e) = inbox::scan(app, &app.inbox, &mut seen) {
+            log::warn!("inbox: {e:#}");
+        }
+        if app.stop.sleep(app.config().daemon.inbox_poll) {
+            return;
+        }
+    }
+}
+
+fn sync_loop(app: &App) {
+    let mut backoff: Option<Backoff> = None;
+    loop {
+        let config = app.config();
+        let Some(up) = config.upstream.clone() else {
+            // Not configured: look again after a reload.
+            if app.stop.sleep(Duration::from_secs(5)) {
+                return;
+            }
+            continue;
+        };
+        let b = backoff.get_or_insert_with(|| Backoff::new(up.backoff, up.backoff_max));
+        let wait = match crate::sync::pass(&app.rt.env().dir, &config) {
+            Ok(r) => {
+                app.metrics.sync_successes.fetch_add(1, Ordering::Relaxed);
+                log::debug!("sync: sent {} records", r.upload.sent);
+                b.reset();
+                up.interval
+            }
+            Err(e) => {
+                app.metrics.sync_failures.fetch_add(1, Ordering::Relaxed);
+                let d = b.next_delay().max(up.backoff);
+                log::warn!("sync failed, next try in {d:?}: {e}");
+                d
+            }
+        };
+        if app.stop.sleep(wait) {
+            return;
+        }
+    }
+}
+
+fn update_loop(app: &App) {
+    loop {
+        let config = app.config();
+        let wait = match &config.updates {
+            None => Duration::from_secs(5),
+            Some(up) => {
+                match crate::update::poll(app, up) {
+                    Ok(n) if n > 0 => log::info!("updates: {n} bundles installed"),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("updates: {e:#}"),
+                }
+                up.interval
+            }
+        };
+        if app.stop.is_set() || app.stop.sleep(wait) {
+            return;
+        }
+    }
+}
