@@ -183,6 +183,14 @@ pub struct RawLimits {
     pub max_plugin_memory_mib: Option<u32>,
     /// Ceiling on a plugin's requested timeout, ms.
     pub max_plugin_timeout_ms: Option<u32>,
+    /// Largest local API request body, KiB (default 1,024).
+    pub max_request_body_kib: Option<u64>,
+    /// Time to send a request head to the local API, ms (default 5,000).
+    pub request_head_timeout_ms: Option<u64>,
+    /// Time to send a request body to the local API, ms (default 10,000).
+    pub request_body_timeout_ms: Option<u64>,
+    /// Requests worked on at once by the local API (default 256).
+    pub max_inflight_requests: Option<usize>,
 }
 
 /// Validated configuration.
@@ -331,6 +339,29 @@ impl Config {
                     ));
                 }
                 limits.max_plugin_timeout_ms = v;
+            }
+            let bounded = |v: u64, lo: u64, hi: u64, f: &'static str| {
+                if (lo..=hi).contains(&v) {
+                    Ok(v)
+                } else {
+                    Err(field(f, format!("{v} is outside {lo}..={hi}")))
+                }
+            };
+            if let Some(v) = l.max_request_body_kib {
+                limits.max_request_body_bytes =
+                    bounded(v, 1, 64 * 1024, "limits.max_request_body_kib")? as usize * 1024;
+            }
+            if let Some(v) = l.request_head_timeout_ms {
+                limits.request_head_timeout_ms =
+                    bounded(v, 100, 600_000, "limits.request_head_timeout_ms")?;
+            }
+            if let Some(v) = l.request_body_timeout_ms {
+                limits.request_body_timeout_ms =
+                    bounded(v, 100, 600_000, "limits.request_body_timeout_ms")?;
+            }
+            if let Some(v) = l.max_inflight_requests {
+                limits.max_inflight_requests =
+                    bounded(v as u64, 1, 100_000, "limits.max_inflight_requests")? as usize;
             }
         }
         let upstream = match raw.upstream {

@@ -234,6 +234,12 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(5));
     }
     let left = app.metrics.inflight.load(Ordering::SeqCst);
+    // Answers just computed are still being written: give open connections
+    // (each told `Connection: close`) a moment to finish and close.
+    let flush = (Instant::now() + Duration::from_secs(1)).min(deadline.max(Instant::now()));
+    while app.metrics.connections.load(Ordering::SeqCst) > 0 && Instant::now() < flush {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     app.stop.set();
     for t in background {
         let _ = t.join();

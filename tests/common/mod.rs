@@ -425,4 +425,5 @@ pub fn news2_call(patient: &str) -> Vec<String> {
     .map(String::from)
     .to_vec()
 }
+pub mod daemon;
 pub mod upstream;

@@ -83,6 +83,8 @@ pub struct Upstream {
     pub faults: Arc<Mutex<VecDeque<Fault>>>,
     /// Resources served to searches, by type.
     pub resources: Arc<Mutex<BTreeMap<String, Vec<Value>>>>,
+    /// Static files served to GETs by exact path (the update channel).
+    pub files: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
     /// Page size of searches.
     pub page_size: usize,
     stop: Arc<AtomicBool>,
@@ -179,13 +181,15 @@ impl Upstream {
             seen: Arc::default(),
             faults: Arc::default(),
             resources: Arc::default(),
+            files: Arc::default(),
             page_size: 2,
             stop: Arc::default(),
         };
-        let (seen, faults, resources, stop) = (
+        let (seen, faults, resources, files, stop) = (
             up.seen.clone(),
             up.faults.clone(),
             up.resources.clone(),
+            up.files.clone(),
             up.stop.clone(),
         );
         let page = up.page_size;
@@ -196,15 +200,24 @@ impl Upstream {
                     break;
                 }
                 let Ok(tcp) = conn else { continue };
-                let (config, seen, faults, resources, base) = (
+                let (config, seen, faults, resources, files, base) = (
                     config.clone(),
                     seen.clone(),
                     faults.clone(),
                     resources.clone(),
+                    files.clone(),
                     base.clone(),
                 );
                 std::thread::spawn(move || {
-                    let _ = serve(tcp, config, &seen, &faults, &resources, &base, page);
+                    let _ = serve(
+                        tcp,
+                        config,
+                        &seen,
+                        &faults,
+                        (&resources, &files),
+                        &base,
+                        page,
+                    );
                 });
             }
         });
@@ -233,7 +246,10 @@ fn serve(
     config: Arc<rustls::ServerConfig>,
     seen: &Mutex<Seen>,
     faults: &Mutex<VecDeque<Fault>>,
-    resources: &Mutex<BTreeMap<String, Vec<Value>>>,
+    (resources, files): (
+        &Mutex<BTreeMap<String, Vec<Value>>>,
+        &Mutex<BTreeMap<String, Vec<u8>>>,
+    ),
     base: &str,
     page: usize,
 ) -> std::io::Result<()> {
@@ -267,6 +283,20 @@ fn serve(
     drop(reader);
     if let Some(a) = auth {
         seen.lock().unwrap().auth.push(a);
+    }
+    let file = files.lock().unwrap().get(&path).cloned();
+    if let (Some(bytes), "GET") = (file, method.as_str()) {
+        seen.lock().unwrap().gets.push(path.clone());
+        write!(
+            tls,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            bytes.len()
+        )?;
+        tls.write_all(&bytes)?;
+        tls.flush()?;
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+        return Ok(());
     }
     let fault = faults.lock().unwrap().pop_front();
     let (status, answer) = match (&fault, method.as_str()) {

@@ -1,0 +1,570 @@
+//! End-to-end tests of `clinicbox run` through the real binary: the local
+//! API with and without valid tokens, vitals ingest to NEWS2, the inbox,
+//! SIGTERM under load, SIGHUP, malformed HTTP and systemd notifications.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use clinicbox::fhir::synth::round::{Reading, bundle as vitals};
+use common::daemon::{Daemon, TEST_CONFIG, records, token};
+use common::{NEWS2_VITALS, news2_box, repo};
+use serde_json::{Value, json};
+
+const INVOKE: &str = "/plugins/acme/news2/news2_latest";
+
+fn invoke_body(patient: &str) -> Vec<u8> {
+    json!({"patient": patient, "purpose": "TREAT"})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn api_answers_by_token_role_and_tenant_and_records_refusals() {
+    let b = news2_box(3, true);
+    let app = token(&b, "frontdesk", "app", "clinic-a", &[NEWS2_VITALS]);
+    let device = token(&b, "monitor-1", "device", "clinic-a", &[]);
+    let admin = token(&b, "it", "admin", "clinic-a", &[]);
+    let other = token(&b, "other-clinic", "app", "clinic-b", &[NEWS2_VITALS]);
+    let revoked = token(&b, "old", "app", "clinic-a", &[NEWS2_VITALS]);
+    b.ok(&["token", "revoke", "old"]);
+    let list = b.json(&["token", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 5);
+    assert!(
+        !list.to_string().contains(&app),
+        "token list shows a secret"
+    );
+    let d = Daemon::start(&b, TEST_CONFIG, &[]);
+
+    assert_eq!(d.get("/healthz", None, &[]).status, 200);
+    assert_eq!(d.get("/readyz", None, &[]).json()["status"], "ready");
+
+    // 401: none, garbage, revoked.
+    for t in [None, Some("cbx_00000000_nope"), Some(revoked.as_str())] {
+        let a = d.post(INVOKE, t, &invoke_body("p0002"));
+        assert_eq!(a.status, 401, "{t:?}: {}", a.text());
+        assert_eq!(
+            a.header("www-authenticate"),
+            Some("Bearer realm=\"clinicbox\"")
+        );
+        assert_eq!(a.json()["resourceType"], "OperationOutcome");
+    }
+    // 403: wrong role, wrong tenant.
+    let a = d.get("/status", Some(&device), &[]);
+    assert_eq!(a.status, 403);
+    assert!(
+        a.text().contains("has role device; status needs admin"),
+        "{}",
+        a.text()
+    );
+    let a = d.post(INVOKE, Some(&device), &invoke_body("p0002"));
+    assert_eq!(a.status, 403);
+    let a = d.get(
+        "/fhir/Observation?patient=p0001",
+        Some(&app),
+        &[("X-Tenant", "clinic-b")],
+    );
+    assert_eq!(a.status, 403);
+    assert!(
+        a.text()
+            .contains("acts for tenant clinic-a, not for clinic-b"),
+        "{}",
+        a.text()
+    );
+
+    // A valid call: the RiskAssessment and the id of its audit record.
+    let a = d.post(INVOKE, Some(&app), &invoke_body("p0002"));
+    assert_eq!(a.status, 200, "{}", a.text());
+    let v = a.json();
+    assert_eq!(v["output"]["resourceType"], "RiskAssessment");
+    assert_eq!(v["output"]["subject"]["reference"], "Patient/p0002");
+    let call_id = v["call_id"].as_str().unwrap().to_owned();
+    assert_eq!(a.header("x-audit-id"), Some(call_id.as_str()));
+    // The other clinic's token reaches only its own (empty) tenant, where
+    // NEWS2 is not granted.
+    let a = d.post(INVOKE, Some(&other), &invoke_body("p0002"));
+    assert_ne!(a.status, 200, "{}", a.text());
+
+    // FHIR search and read within the token's scopes and tenant.
+    let a = d.get(
+        "/fhir/Observation?patient=p0001&category=vital-signs&_count=2",
+        Some(&app),
+        &[],
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    let bundle = a.json();
+    assert_eq!(bundle["type"], "searchset");
+    assert!(bundle["total"].as_u64().unwrap() > 2);
+    let first = bundle["entry"][0]["fullUrl"].as_str().unwrap().to_owned();
+    let a = d.get(&format!("/fhir/{first}"), Some(&app), &[]);
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["resourceType"], "Observation");
+    let a = d.get("/fhir/Patient?_count=1", Some(&app), &[]);
+    assert_eq!(
+        a.status,
+        403,
+        "Patient is not in the token's scopes: {}",
+        a.text()
+    );
+    let a = d.get("/fhir/Observation?patient=p0001", Some(&other), &[]);
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["total"], 0, "clinic-b sees nothing of clinic-a");
+
+    // Admin endpoints.
+    let s = d.get("/status", Some(&admin), &[]).json();
+    assert_eq!(s["ready"], true);
+    assert_eq!(s["plugins"][0]["name"], "acme/news2");
+    let m = d.get("/metrics", Some(&admin), &[]).text();
+    assert!(
+        m.contains("clinicbox_plugin_calls_total{plugin=\"acme/news2\",outcome=\"ok\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("clinicbox_http_requests_total{route=\"invoke\",status=\"401\"} 3"),
+        "{m}"
+    );
+    assert!(m.contains("clinicbox_audit_backlog_records "), "{m}");
+
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    // Every refusal is in the audit log, with the token when there was one.
+    let denied = records(&b, "api.denied");
+    assert_eq!(denied.iter().filter(|r| r["status"] == 401).count(), 3);
+    assert_eq!(denied.iter().filter(|r| r["status"] == 403).count(), 3);
+    assert!(denied.iter().any(|r| r["token_name"] == "monitor-1"));
+    // The call is recorded with the token as requester.
+    let calls = records(&b, "plugin.call");
+    let call = calls
+        .iter()
+        .find(|c| c["call_id"] == call_id.as_str())
+        .expect("call record");
+    assert_eq!(call["requester"], "api:app:frontdesk");
+    assert_eq!(records(&b, "fhir.access").len(), 4);
+    b.ok(&["audit", "verify"]);
+}
+
+#[test]
+fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
+    let b = news2_box(3, true);
+    let device = token(&b, "monitor-7", "device", "clinic-a", &[]);
+    let d = Daemon::start(&b, TEST_CONFIG, &[]);
+    let reading = Reading {
+        rr: 24.0,
+        spo2: 93.0,
+        hr: 118.0,
+        ..Reading::NORMAL
+    };
+    let doc = vitals("p0001", "2030-01-01T00:00:00Z", &reading);
+    let a = d.post("/fhir/Bundle", Some(&device), doc.to_string().as_bytes());
+    assert_eq!(a.status, 201, "{}", a.text());
+    let v = a.json();
+    let stored: BTreeSet<String> = v["stored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(stored.len(), 6);
+    let t = &v["triggered"][0];
+    assert_eq!(t["plugin"], "acme/news2", "{v}");
+    assert_eq!(t["function"], "news2_latest");
+    let ra = &t["output"];
+    assert_eq!(ra["resourceType"], "RiskAssessment", "{v}");
+    assert_eq!(ra["subject"]["reference"], "Patient/p0001");
+    // 2 (RR 24) + 2 (SpO2 93) + 2 (pulse 118) = 6, from the new readings.
+    assert_eq!(ra["extension"][0]["valueInteger"], 6, "{ra}");
+    for basis in ra["basis"].as_array().unwrap() {
+        assert!(
+            stored.contains(basis["reference"].as_str().unwrap()),
+            "{basis}"
+        );
+    }
+
+    // One Observation alone also triggers.
+    let one = doc["entry"][0]["resource"].clone();
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        one.to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    assert_eq!(
+        a.json()["triggered"][0]["output"]["resourceType"],
+        "RiskAssessment"
+    );
+
+    // Bad input: clear errors naming the entry and field; nothing stored.
+    let before = b.json(&["fhir", "stats"]);
+    let mut bad = doc.clone();
+    bad["entry"][3]["resource"]["subject"] = json!({"reference": "Group/ward3"});
+    for (body, status, says) in [
+        (b"{not json".to_vec(), 400, "not JSON"),
+        (
+            bad.to_string().into_bytes(),
+            422,
+            "Bundle.entry[3].resource.subject.reference",
+        ),
+        (
+            json!({"resourceType": "Patient"}).to_string().into_bytes(),
+            422,
+            "resourceType: expected Bundle",
+        ),
+    ] {
+        let a = d.post("/fhir/Bundle", Some(&device), &body);
+        assert_eq!(a.status, status, "{}", a.text());
+        assert!(a.text().contains(says), "{}", a.text());
+    }
+    let mut no_status = one.clone();
+    no_status.as_object_mut().unwrap().remove("status");
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        no_status.to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 422);
+    assert!(
+        a.text().contains("Observation.status: required"),
+        "{}",
+        a.text()
+    );
+    assert_eq!(
+        b.json(&["fhir", "stats"]),
+        before,
+        "a refused request stored something"
+    );
+
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let ingests = records(&b, "fhir.ingest");
+    assert_eq!(ingests.len(), 2);
+    assert_eq!(ingests[0]["token"].as_str().unwrap().len(), 12);
+    b.ok(&["audit", "verify"]);
+}
+
+#[test]
+fn inbox_installs_dropped_bundles_and_moves_refused_ones_aside() {
+    let b = common::TestBox::new();
+    let key = repo().join("update-bundles/dev-vendor.pub");
+    b.ok(&[
+        "trust",
+        "add",
+        "--namespace",
+        "acme/",
+        key.to_str().unwrap(),
+    ]);
+    b.synth_and_import(3, 120, &["clinic-a"]);
+    let app = token(&b, "app", "app", "clinic-a", &[]);
+    let admin = token(&b, "it", "admin", "clinic-a", &[]);
+    let d = Daemon::start(&b, TEST_CONFIG, &[]);
+    assert_eq!(
+        d.post(INVOKE, Some(&app), &invoke_body("p0001")).status,
+        404
+    );
+
+    let inbox = b.data.join("inbox");
+    let good = std::fs::read(common::example_bundle()).unwrap();
+    let mut tampered = good.clone();
+    let n = tampered.len();
+    tampered[n - 100] ^= 1;
+    std::fs::write(inbox.join("tampered.cbx"), &tampered).unwrap();
+    std::fs::write(inbox.join("notes.txt"), b"hello").unwrap();
+    std::fs::write(inbox.join("acme-news2.cbx"), &good).unwrap();
+
+    d.wait_for("the dropped bundle to be served", || {
+        d.get("/status", Some(&admin), &[]).json()["plugins"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "acme/news2"))
+    });
+    d.wait_for("the rejects to be moved aside", || {
+        inbox.join("rejected/tampered.cbx").exists() && inbox.join("rejected/notes.txt").exists()
+    });
+    assert!(inbox.join("accepted/acme-news2.cbx").exists());
+    let reason = std::fs::read_to_string(inbox.join("rejected/tampered.cbx.reason.txt")).unwrap();
+    assert!(reason.contains("step"), "{reason}");
+    let left: Vec<_> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .collect();
+    assert!(left.is_empty(), "files left in the inbox: {left:?}");
+
+    // Served without a restart: grant, then call over HTTP.
+    b.grant_news2();
+    let a = d.post(INVOKE, Some(&app), &invoke_body("p0002"));
+    assert_eq!(a.status, 200, "{}", a.text());
+    // A rejected file is not retried: its decision is recorded once.
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let decisions = records(&b, "bundle.decision");
+    let rejected: Vec<_> = decisions
+        .iter()
+        .filter(|r| r["outcome"] == "rejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{decisions:?}");
+    assert!(
+        decisions
+            .iter()
+            .any(|r| r["outcome"] == "accepted" || r["outcome"] == "installed"),
+        "{decisions:?}"
+    );
+}
+
+#[test]
+fn sigterm_under_load_answers_or_refuses_every_call_and_records_each_answered_one() {
+    let b = news2_box(3, true);
+    let app = token(&b, "load", "app", "clinic-a", &[NEWS2_VITALS]);
+    let d = Daemon::start(&b, TEST_CONFIG, &[]);
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u16, Option<String>)>::new()));
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let (base, app, answered) = (d.base.clone(), app.clone(), answered.clone());
+        clients.push(std::thread::spawn(move || {
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .new_agent();
+            let _ = i;
+            let patient = "p0002";
+            loop {
+                let r = agent
+                    .post(format!("{base}{INVOKE}"))
+                    .header("Authorization", format!("Bearer {app}"))
+                    .send(invoke_body(patient));
+                let Ok(mut r) = r else { break }; // the listener is gone
+                let status = r.status().as_u16();
+                let body: Value = r
+                    .body_mut()
+                    .read_to_vec()
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or(Value::Null);
+                answered
+                    .lock()
+                    .unwrap()
+                    .push((status, body["call_id"].as_str().map(str::to_owned)));
+                if status != 200 {
+                    break;
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, log) = d.stop();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(status.success(), "exit {status:?}: {log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+    let answered = answered.lock().unwrap().clone();
+    let ok: BTreeSet<String> = answered
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .filter_map(|(_, id)| id.clone())
+        .collect();
+    assert!(
+        ok.len() > 20,
+        "too little load to mean anything: {}",
+        ok.len()
+    );
+    assert!(
+        answered.iter().all(|(s, _)| *s == 200 || *s == 503),
+        "{:?}",
+        answered
+            .iter()
+            .filter(|(s, _)| *s != 200)
+            .collect::<Vec<_>>()
+    );
+    // Exactly the answered calls are recorded: none lost, none recorded
+    // without its answer, each whole (the chain verifies).
+    let recorded: BTreeSet<String> = records(&b, "plugin.call")
+        .iter()
+        .filter(|r| r["requester"] == "api:app:load")
+        .map(|r| r["call_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(recorded, ok);
+    b.ok(&["audit", "verify"]);
+    let stops = records(&b, "daemon");
+    assert_eq!(stops.last().unwrap()["action"], "stop");
+    assert_eq!(stops.last().unwrap()["unfinished_requests"], 0);
+}
+
+#[test]
+fn sighup_reloads_the_config_and_a_bad_one_changes_nothing() {
+    let b = news2_box(1, false);
+    let admin = token(&b, "it", "admin", "clinic-a", &[]);
+    let d = Daemon::start(&b, TEST_CONFIG, &[]);
+    assert_eq!(
+        d.get("/status", Some(&admin), &[]).json()["updates"],
+        Value::Null
+    );
+
+    std::fs::write(
+        &b.config,
+        format!("{TEST_CONFIG}[updates]\nurl = \"https://updates.example/acme\"\n"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.wait_for("the reloaded config", || {
+        d.get("/status", Some(&admin), &[]).json()["updates"] == "https://updates.example/acme"
+    });
+    std::fs::write(&b.config, "colour = \"blue\"\n").unwrap();
+    d.signal("HUP");
+    d.wait_for("the refused reload to be recorded", || {
+        records(&b, "daemon")
+            .iter()
+            .any(|r| r["outcome"] == "refused")
+    });
+    assert_eq!(d.get("/readyz", None, &[]).status, 200);
+    assert_eq!(
+        d.get("/status", Some(&admin), &[]).json()["updates"],
+        "https://updates.example/acme"
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("unknown field `colour`"), "{log}");
+    let reloads: Vec<_> = records(&b, "daemon")
+        .into_iter()
+        .filter(|r| r["action"] == "reload")
+        .collect();
+    assert_eq!(reloads.len(), 2);
+    assert_eq!(reloads[0]["outcome"], "ok");
+}
+
+/// Sends raw bytes and returns what the server answered before closing
+/// (or within `wait`).
+fn raw(addr: &str, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn malformed_http_gets_a_clean_4xx_and_the_daemon_stays_healthy() {
+    let b = news2_box(3, true);
+    let app = token(&b, "app", "app", "clinic-a", &[NEWS2_VITALS]);
+    let config = format!(
+        "{TEST_CONFIG}[limits]\nrequest_head_timeout_ms = 500\nrequest_body_timeout_ms = 500\nmax_request_body_kib = 64\n"
+    );
+    let d = Daemon::start(&b, &config, &[]);
+    let addr = d.addr();
+    let w = Duration::from_secs(5);
+
+    let r = raw(&addr, b"GARBAGE\r\n\r\n", w);
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    let r = raw(&addr, big.as_bytes(), w);
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    let huge = format!(
+        "POST {INVOKE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {app}\r\nContent-Length: 10000000\r\n\r\n"
+    );
+    let r = raw(&addr, huge.as_bytes(), w);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    // A chunked body that grows past the bound.
+    let mut chunked = format!(
+        "POST {INVOKE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {app}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..80 {
+        chunked.extend_from_slice(format!("400\r\n{}\r\n", "x".repeat(1024)).as_bytes());
+    }
+    let r = raw(&addr, &chunked, w);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+    // Slow body: 408 after the body timeout.
+    let started = Instant::now();
+    let slow = format!(
+        "POST {INVOKE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {app}\r\nContent-Length: 100\r\n\r\n{{\"pat"
+    );
+    let r = raw(&addr, slow.as_bytes(), w);
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // Slowloris: a head that never ends is cut off after the head timeout.
+    let started = Instant::now();
+    let r = raw(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(!r.contains(" 200 "), "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "slow head held {:?}",
+        started.elapsed()
+    );
+    // Bad JSON, unknown fields, bad patient: 400 naming the problem.
+    for (body, says) in [
+        (&b"{\"patient\": "[..], "request body"),
+        (
+            br#"{"patient": "p0001", "colour": 1}"#,
+            "unknown field `colour`",
+        ),
+        (br#"{"patient": "../etc"}"#, "field `patient`"),
+    ] {
+        let a = d.post(INVOKE, Some(&app), body);
+        assert_eq!(a.status, 400, "{}", a.text());
+        assert!(a.text().contains(says), "{}", a.text());
+    }
+    let a = d.post("/nowhere", Some(&app), b"{}");
+    assert_eq!(a.status, 404);
+    let a = d.get(INVOKE, Some(&app), &[]);
+    assert_eq!(a.status, 405);
+    assert_eq!(a.header("allow"), Some("POST"));
+
+    // Still healthy and serving.
+    assert_eq!(d.get("/healthz", None, &[]).status, 200);
+    assert_eq!(
+        d.post(INVOKE, Some(&app), &invoke_body("p0002")).status,
+        200
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn systemd_gets_ready_watchdog_and_stopping() {
+    let b = news2_box(1, false);
+    let sock_path = b.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let d = Daemon::start(
+        &b,
+        TEST_CONFIG,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(got.contains("READY=1") && got.matches("WATCHDOG=1").count() >= 2) {
+        assert!(Instant::now() < deadline, "got only {got:?}");
+        let n = sock.recv(&mut buf).unwrap();
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        got.push('\n');
+    }
+    let ready_at = got.find("READY=1").unwrap();
+    assert!(ready_at < got.find("WATCHDOG=1").unwrap(), "{got}");
+    assert!(got.contains("STATUS=serving on 127.0.0.1:"), "{got}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let mut rest = String::new();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Ok(n) = sock.recv(&mut buf) {
+        rest.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(rest.contains("STOPPING=1"), "{rest}");
+}
