@@ -419,7 +419,7 @@ pub fn poll(app: &crate::daemon::App, up: &Upstream) -> Result<usize> {
     let report = match poll_once(&env.dir, up, &env.limits) {
         Ok(r) => r,
         Err(e) => {
-            app.metrics.bundle("updates", "index-refused");
+            app.metrics.bundle("updates", "poll-failed");
             return Err(e);
         }
     };

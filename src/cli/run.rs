@@ -40,7 +40,13 @@ pub fn update(ctx: &Ctx) -> Result<()> {
         s
     })?;
     if refused > 0 {
-        bail!("{refused} bundles were refused (see above)");
+        let reasons: Vec<String> = report
+            .bundles
+            .iter()
+            .filter(|(_, o)| o.starts_with("refused"))
+            .map(|(f, o)| format!("{f}: {o}"))
+            .collect();
+        bail!("{refused} bundles were refused: {}", reasons.join("; "));
     }
     Ok(())
 }
