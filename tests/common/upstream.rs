@@ -69,6 +69,11 @@ pub struct Seen {
     pub gets: Vec<String>,
 }
 
+/// Resources served to searches, by type.
+type Resources = Mutex<BTreeMap<String, Vec<Value>>>;
+/// Static files by path.
+type Files = Mutex<BTreeMap<String, Vec<u8>>>;
+
 /// The running server.
 pub struct Upstream {
     /// `https://localhost:{port}/fhir`.
@@ -246,10 +251,7 @@ fn serve(
     config: Arc<rustls::ServerConfig>,
     seen: &Mutex<Seen>,
     faults: &Mutex<VecDeque<Fault>>,
-    (resources, files): (
-        &Mutex<BTreeMap<String, Vec<Value>>>,
-        &Mutex<BTreeMap<String, Vec<u8>>>,
-    ),
+    (resources, files): (&Resources, &Files),
     base: &str,
     page: usize,
 ) -> std::io::Result<()> {
