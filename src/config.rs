@@ -27,6 +27,9 @@ pub const DEFAULT_PATH: &str = "/etc/clinicbox/clinicbox.toml";
 pub struct RawConfig {
     /// `error`, `warn`, `info` (default), `debug` or `trace`.
     pub log_level: Option<String>,
+    /// Where compiled plugin code is cached (default `<data-dir>/cache`);
+    /// `--cache-dir` / `CLINICBOX_CACHE_DIR` win over it.
+    pub cache_dir: Option<PathBuf>,
     /// Optional overrides of [`Limits`].
     pub limits: Option<RawLimits>,
     /// The upstream FHIR server (audit upload, cache refresh).
@@ -46,6 +49,10 @@ pub struct RawApi {
     /// `host:port` (default `127.0.0.1:8787`). A LAN address exposes the
     /// API to the clinic network; every request still needs a token.
     pub listen: Option<String>,
+    /// PEM certificate chain for TLS on the API (with `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the API (with `tls_cert`).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[daemon]`.
@@ -81,6 +88,8 @@ pub struct RawUpdates {
 pub struct Daemon {
     /// Listen address.
     pub listen: String,
+    /// TLS certificate chain and key files (None: plain HTTP).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Inbox directory (None: `<data-dir>/inbox`).
     pub inbox: Option<PathBuf>,
     /// Inbox scan period.
@@ -93,6 +102,7 @@ impl Default for Daemon {
     fn default() -> Self {
         Daemon {
             listen: "127.0.0.1:8787".into(),
+            tls: None,
             inbox: None,
             inbox_poll: std::time::Duration::from_secs(1),
             drain: std::time::Duration::from_secs(10),
@@ -204,6 +214,8 @@ pub struct Config {
     pub limits: Limits,
     /// The upstream server, if configured.
     pub upstream: Option<Upstream>,
+    /// Compiled-code cache directory, if set.
+    pub cache_dir: Option<PathBuf>,
     /// The daemon and its API.
     pub daemon: Daemon,
     /// The update channel, if configured (same client settings as an
@@ -369,16 +381,26 @@ impl Config {
             Some(u) => Some(upstream(u, &mut limits).map_err(|(f, r)| field(f, r))?),
         };
         let mut daemon = Daemon::default();
-        if let Some(a) = raw.api
-            && let Some(listen) = a.listen
-        {
-            if listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(field(
-                    "api.listen",
-                    format!("{listen:?} is not an IP:port address (e.g. 127.0.0.1:8787)"),
-                ));
+        if let Some(a) = raw.api {
+            if let Some(listen) = a.listen {
+                if listen.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(field(
+                        "api.listen",
+                        format!("{listen:?} is not an IP:port address (e.g. 127.0.0.1:8787)"),
+                    ));
+                }
+                daemon.listen = listen;
             }
-            daemon.listen = listen;
+            daemon.tls = match (a.tls_cert, a.tls_key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(field("api.tls_key", "tls_cert needs tls_key".into()));
+                }
+                (None, Some(_)) => {
+                    return Err(field("api.tls_cert", "tls_key needs tls_cert".into()));
+                }
+            };
         }
         if let Some(d) = raw.daemon {
             daemon.inbox = d.inbox;
@@ -429,11 +451,20 @@ impl Config {
                 Some(up)
             }
         };
+        if let Some(c) = &raw.cache_dir
+            && !c.is_absolute()
+        {
+            return Err(field(
+                "cache_dir",
+                format!("{} is not an absolute path", c.display()),
+            ));
+        }
         Ok(Config {
             source,
             log_level,
             limits,
             upstream,
+            cache_dir: raw.cache_dir,
             daemon,
             updates,
         })

@@ -568,3 +568,59 @@ fn systemd_gets_ready_watchdog_and_stopping() {
     }
     assert!(rest.contains("STOPPING=1"), "{rest}");
 }
+
+#[test]
+fn the_api_speaks_tls_when_configured() {
+    use rcgen::{CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let b = news2_box(3, true);
+    let app = token(&b, "app", "app", "clinic-a", &[NEWS2_VITALS]);
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let cert_path = b.file("api.pem", cert.pem().as_bytes());
+    let key_path = b.file("api.key", key.serialize_pem().as_bytes());
+    let config = TEST_CONFIG.replace(
+        "listen = \"127.0.0.1:0\"\n",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    let d = Daemon::start(&b, &config, &[]);
+    assert!(d.base.starts_with("https://"), "{}", d.base);
+    let roots = ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+        ureq::tls::Certificate::from_der(ca.der()).to_owned(),
+    ]));
+    let agent = ureq::Agent::config_builder()
+        .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let url = d.base.replace("127.0.0.1", "localhost");
+    let mut r = agent
+        .post(format!("{url}{INVOKE}"))
+        .header("Authorization", format!("Bearer {app}"))
+        .send(&invoke_body("p0002")[..])
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = serde_json::from_slice(&r.body_mut().read_to_vec().unwrap()).unwrap();
+    assert_eq!(body["output"]["resourceType"], "RiskAssessment");
+    // Plain HTTP on the TLS port gets no answer.
+    let r = raw(
+        &d.addr(),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(!r.contains("200"), "{r}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}

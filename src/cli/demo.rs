@@ -270,6 +270,6 @@ fn serve(ctx: &Ctx, args: &Args, dir: &DataDir) -> Result<()> {
         dir.clone(),
         config,
         Box::new(move || Ok(reload_config.clone())),
-        |addr| eprintln!("clinicbox: serving on http://{addr}"),
+        |url| eprintln!("clinicbox: serving on {url}"),
     )
 }

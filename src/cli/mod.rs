@@ -50,7 +50,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "CLINICBOX_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where compiled plugin code is cached (systemd: CacheDirectory).
-    /// [default: <data-dir>/cache]
+    /// [default: the config's cache_dir, else <data-dir>/cache]
     #[arg(long, global = true, env = "CLINICBOX_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Print machine-readable JSON on stdout instead of text.
@@ -228,7 +228,8 @@ pub fn load_config(cli: &Cli) -> Result<Config> {
 /// Runs a parsed command line with its loaded config.
 pub fn run(cli: Cli, config: Config) -> Result<()> {
     let ctx = Ctx {
-        dir: DataDir::new(&cli.data_dir).with_cache(cli.cache_dir.clone()),
+        dir: DataDir::new(&cli.data_dir)
+            .with_cache(cli.cache_dir.clone().or_else(|| config.cache_dir.clone())),
         config,
         out: Output { json: cli.json },
     };

@@ -12,8 +12,8 @@ use crate::config::Config;
 /// default path) with the same rules as at start.
 pub fn run(ctx: &Ctx, config_path: Option<PathBuf>) -> Result<()> {
     let reload = Box::new(move || Ok(Config::load(config_path.as_deref())?));
-    crate::daemon::run(ctx.dir.clone(), ctx.config.clone(), reload, |addr| {
-        eprintln!("clinicbox: serving on http://{addr}");
+    crate::daemon::run(ctx.dir.clone(), ctx.config.clone(), reload, |url| {
+        eprintln!("clinicbox: serving on {url}");
     })
 }
 

@@ -17,10 +17,12 @@
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
@@ -33,10 +35,36 @@ use smol_hyper::rt::{FuturesIo, SmolTimer};
 use super::App;
 use super::api::{self, Reply};
 
-/// Accepts connections until `stop` fires, serving each on `ex`.
+/// Loads `[api] tls_cert` and `tls_key` into a TLS acceptor.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<futures_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("api.tls_cert: {}: {e}", cert.display()))?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "api.tls_cert: {}: no PEM certificate in it",
+        cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("api.tls_key: {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("api TLS: protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("api.tls_key does not match api.tls_cert")?;
+    Ok(futures_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts connections until `stop` fires, serving each on `ex` (over
+/// TLS when `tls` is given).
 pub async fn serve(
     app: Arc<App>,
     listener: Async<TcpListener>,
+    tls: Option<futures_rustls::TlsAcceptor>,
     ex: Arc<smol::Executor<'static>>,
     stop: smol::channel::Receiver<()>,
 ) {
@@ -70,23 +98,47 @@ pub async fn serve(
             continue;
         }
         let app = app.clone();
+        let tls = tls.clone();
         ex.spawn(async move {
             let guard = ConnGuard(app.clone());
-            let svc = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(respond(app, peer, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(SmolTimer::new())
-                .header_read_timeout(Duration::from_millis(limits.request_head_timeout_ms))
-                .max_buf_size(limits.max_request_head_bytes.max(8192))
-                .serve_connection(FuturesIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                log::debug!("api: connection from {peer}: {e}");
+            match tls {
+                None => serve_conn(app, peer, stream, &limits).await,
+                Some(acceptor) => {
+                    // The handshake gets the head's time limit (slowloris).
+                    let hs = async { Some(acceptor.accept(stream).await) };
+                    let late = async {
+                        smol::Timer::after(Duration::from_millis(limits.request_head_timeout_ms))
+                            .await;
+                        None
+                    };
+                    match smol::future::or(hs, late).await {
+                        Some(Ok(s)) => serve_conn(app, peer, s, &limits).await,
+                        Some(Err(e)) => log::debug!("api: TLS handshake with {peer}: {e}"),
+                        None => log::debug!("api: TLS handshake with {peer} timed out"),
+                    }
+                }
             }
             drop(guard);
         })
         .detach();
+    }
+}
+
+async fn serve_conn<S>(app: Arc<App>, peer: SocketAddr, io: S, limits: &crate::limits::Limits)
+where
+    S: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(respond(app, peer, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(SmolTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.request_head_timeout_ms))
+        .max_buf_size(limits.max_request_head_bytes.max(8192))
+        .serve_connection(FuturesIo::new(io), svc);
+    if let Err(e) = conn.await {
+        log::debug!("api: connection from {peer}: {e}");
     }
 }
 

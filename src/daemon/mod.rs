@@ -101,12 +101,12 @@ impl Stop {
 pub type Reload = Box<dyn Fn() -> Result<Config> + Send>;
 
 /// Runs the daemon until SIGTERM/SIGINT. `on_listen` is told the bound
-/// address (the demo prints curl examples with it).
+/// URL (`http://127.0.0.1:8787`).
 pub fn run(
     dir: DataDir,
     config: Config,
     reload: Reload,
-    on_listen: impl FnOnce(std::net::SocketAddr),
+    on_listen: impl FnOnce(&str),
 ) -> Result<()> {
     let started = Instant::now();
     dir.init()?;
@@ -119,6 +119,11 @@ pub fn run(
     let listener = TcpListener::bind(&config.daemon.listen)
         .with_context(|| format!("cannot listen on {} (api.listen)", config.daemon.listen))?;
     let addr = listener.local_addr()?;
+    let tls = match &config.daemon.tls {
+        Some((cert, key)) => Some(http::tls_acceptor(cert, key)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let rt = Runtime::new(dir.clone(), config.limits.clone())?;
     for (name, r) in rt.preload()? {
         match r {
@@ -173,6 +178,7 @@ pub fn run(
     ex.spawn(http::serve(
         app.clone(),
         listener,
+        tls,
         ex.clone(),
         stop_accept_rx,
     ))
@@ -190,7 +196,7 @@ pub fn run(
         sd_notify::NotifyState::Status(&format!("serving on {addr}")),
     ]);
     log::info!(
-        "clinicbox {} ready on http://{addr} in {} ms",
+        "clinicbox {} ready on {scheme}://{addr} in {} ms",
         env!("CARGO_PKG_VERSION"),
         started.elapsed().as_millis()
     );
@@ -199,7 +205,7 @@ pub fn run(
         "daemon",
         json!({"action": "start", "listen": addr.to_string()}),
     );
-    on_listen(addr);
+    on_listen(&format!("{scheme}://{addr}"));
 
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
     loop {

@@ -100,7 +100,10 @@ impl Daemon {
     }
 
     pub fn addr(&self) -> String {
-        self.base.trim_start_matches("http://").to_owned()
+        self.base
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_owned()
     }
 
     fn answer(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
