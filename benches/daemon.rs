@@ -1,0 +1,284 @@
+//! Daemon benchmark (`cargo bench --bench daemon`). Not a test: it prints
+//! figures for BENCHMARKS.md. The daemon is the real release binary,
+//! spoken to over loopback HTTP by a load generator in this process, on the
+//! same machine.
+//!
+//! 1. Device ingest, open loop: `BENCH_DEVICES` (200) devices each POST one
+//!    vital-sign Observation every 100 ms (2,000/s in all) for
+//!    `BENCH_SECS` (60) seconds. Each request stores the Observation,
+//!    records it, runs NEWS2 (subscribed to vital signs) for the patient
+//!    and answers with the RiskAssessment. Latency is measured from each
+//!    request's *scheduled* send time, so a stalled server cannot hide its
+//!    queue (no coordinated omission).
+//! 2. Maximum sustained rate: closed loop, `BENCH_CONNS` (32) connections
+//!    posting back to back for 15 s.
+//! 3. Start to `READY=1` with 50 installed plugins (code cache warm, as
+//!    after any restart), 15 starts; beside it, a bare process start.
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clinicbox::fhir::synth::round::{Reading, bundle};
+
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports, dead_code)]
+mod common;
+
+use common::daemon::{Daemon, token};
+use common::{NEWS2_VITALS, TestBox, repo};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn env_n(k: &str, d: u64) -> u64 {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+/// A box with NEWS2 installed and granted, and one full round of vitals
+/// ingested for each of `patients` patients (so every later single
+/// Observation can be scored).
+fn ingest_box(patients: usize) -> (TestBox, Daemon, String) {
+    let b = TestBox::new();
+    let key = repo().join("update-bundles/dev-vendor.pub");
+    b.ok(&["trust", "add", "--namespace", "acme/", key.to_str().unwrap()]);
+    b.ok(&["plugin", "install", common::example_bundle().to_str().unwrap()]);
+    b.grant_news2();
+    let device = token(&b, "bench", "device", "clinic-a", &[]);
+    let d = Daemon::start(
+        &b,
+        "log_level = \"warn\"\n[api]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_inflight_requests = 4096\n",
+        &[],
+    );
+    for p in 0..patients {
+        let doc = bundle(&format!("d{p:04}"), "2026-11-26T00:00:00Z", &Reading::NORMAL);
+        let a = d.post("/fhir/Bundle", Some(&device), doc.to_string().as_bytes());
+        assert_eq!(a.status, 201, "{}", a.text());
+    }
+    let _ = NEWS2_VITALS;
+    (b, d, device)
+}
+
+/// One Observation of a device's round `k` (the six vitals in turn).
+fn observation(patient: &str, k: u64) -> Vec<u8> {
+    let r = Reading {
+        hr: 60.0 + (k % 40) as f64,
+        ..Reading::NORMAL
+    };
+    let when = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let doc = bundle(patient, &when, &r);
+    doc["entry"][(k % 6) as usize]["resource"]
+        .to_string()
+        .into_bytes()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent()
+}
+
+struct Outcome {
+    lat_ms: Vec<f64>,
+    errors: u64,
+    not_scored: u64,
+    sent: u64,
+    secs: f64,
+}
+
+fn post_one(a: &ureq::Agent, url: &str, auth: &str, body: &[u8]) -> (bool, bool) {
+    match a
+        .post(url)
+        .header("Authorization", auth)
+        .header("Content-Type", "application/fhir+json")
+        .send(body)
+    {
+        Ok(mut r) => {
+            let ok = r.status().as_u16() == 201;
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            (ok, text.contains("\"RiskAssessment\""))
+        }
+        Err(_) => (false, false),
+    }
+}
+
+fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
+    let url = format!("{}/fhir/Observation", d.base);
+    let auth = format!("Bearer {token}");
+    let out = Arc::new(Mutex::new(Outcome {
+        lat_ms: Vec::new(),
+        errors: 0,
+        not_scored: 0,
+        sent: 0,
+        secs: secs as f64,
+    }));
+    let start = Instant::now() + Duration::from_millis(200);
+    let period = Duration::from_millis(100);
+    let mut threads = Vec::new();
+    for i in 0..devices {
+        let (url, auth, out) = (url.clone(), auth.clone(), out.clone());
+        threads.push(std::thread::spawn(move || {
+            let a = agent();
+            let patient = format!("d{i:04}");
+            // Devices are spread evenly over the 100 ms period.
+            let offset = period * i as u32 / devices as u32;
+            let mut local = Vec::new();
+            let (mut errors, mut not_scored) = (0, 0);
+            let mut k = 0u64;
+            loop {
+                let due = start + offset + period * k as u32;
+                if due > start + Duration::from_secs(secs) {
+                    break;
+                }
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let body = observation(&patient, k);
+                let (ok, scored) = post_one(&a, &url, &auth, &body);
+                local.push(due.elapsed().as_secs_f64() * 1e3);
+                errors += u64::from(!ok);
+                not_scored += u64::from(ok && !scored);
+                k += 1;
+            }
+            let mut o = out.lock().unwrap();
+            o.sent += local.len() as u64;
+            o.lat_ms.extend(local);
+            o.errors += errors;
+            o.not_scored += not_scored;
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    Arc::try_unwrap(out).ok().unwrap().into_inner().unwrap()
+}
+
+fn closed_loop(d: &Daemon, token: &str, conns: usize, patients: usize, secs: u64) -> Outcome {
+    let url = format!("{}/fhir/Observation", d.base);
+    let auth = format!("Bearer {token}");
+    let out = Arc::new(Mutex::new(Outcome {
+        lat_ms: Vec::new(),
+        errors: 0,
+        not_scored: 0,
+        sent: 0,
+        secs: secs as f64,
+    }));
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut threads = Vec::new();
+    for i in 0..conns {
+        let (url, auth, out) = (url.clone(), auth.clone(), out.clone());
+        threads.push(std::thread::spawn(move || {
+            let a = agent();
+            let mut local = Vec::new();
+            let mut errors = 0;
+            let mut k = 0u64;
+            while Instant::now() < end {
+                let patient = format!("d{:04}", (i + conns * k as usize) % patients);
+                let body = observation(&patient, k);
+                let t = Instant::now();
+                let (ok, _) = post_one(&a, &url, &auth, &body);
+                local.push(t.elapsed().as_secs_f64() * 1e3);
+                errors += u64::from(!ok);
+                k += 1;
+            }
+            let mut o = out.lock().unwrap();
+            o.sent += local.len() as u64;
+            o.lat_ms.extend(local);
+            o.errors += errors;
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    Arc::try_unwrap(out).ok().unwrap().into_inner().unwrap()
+}
+
+fn report(what: &str, mut o: Outcome) {
+    let rate = o.sent as f64 / o.secs;
+    println!(
+        "{what}: {} requests in {:.0} s = {rate:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; {} errors, {} answered without a RiskAssessment",
+        o.sent,
+        o.secs,
+        pct(&mut o.lat_ms, 0.50),
+        pct(&mut o.lat_ms, 0.99),
+        pct(&mut o.lat_ms, 0.999),
+        pct(&mut o.lat_ms, 1.0),
+        o.errors,
+        o.not_scored
+    );
+}
+
+fn start_to_ready(runs: usize) {
+    let b = TestBox::new();
+    let vendor = common::Vendor::new(b.tmp.path(), "bench");
+    b.trust(&vendor, "acme/");
+    for i in 0..50 {
+        let bytes = common::signed_bundle(&format!("acme/p{i:02}"), "1.0.0", &[&vendor.key]);
+        let p = b.file(&format!("p{i:02}.cbx"), &bytes);
+        b.ok(&["plugin", "install", p.to_str().unwrap()]);
+    }
+    let sock_path = b.path("notify.sock");
+    let mut ready = Vec::new();
+    let mut bare = Vec::new();
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&sock_path);
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        std::fs::write(&b.config, "log_level = \"warn\"\n[api]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        let t = Instant::now();
+        let mut child = b
+            .cmd()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 512];
+        loop {
+            let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+        }
+        ready.push(t.elapsed().as_secs_f64() * 1e3);
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        let t = Instant::now();
+        let _ = b.cmd().arg("--version").output();
+        bare.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (r50, b50) = (pct(&mut ready, 0.5), pct(&mut bare, 0.5));
+    println!(
+        "start to READY=1, 50 installed plugins, {runs} starts: p50 {r50:.1} ms, max {:.1} ms; a bare `clinicbox --version` process: p50 {b50:.1} ms (READY/bare = {:.1})",
+        pct(&mut ready, 1.0),
+        r50 / b50
+    );
+}
+
+fn main() {
+    let devices = env_n("BENCH_DEVICES", 200) as usize;
+    let secs = env_n("BENCH_SECS", 60);
+    let conns = env_n("BENCH_CONNS", 32) as usize;
+    start_to_ready(env_n("BENCH_STARTS", 15) as usize);
+    let (_b, d, device) = ingest_box(devices);
+    report(
+        &format!("ingest, open loop, {devices} devices at 10 Hz (target {}/s)", devices * 10),
+        open_loop(&d, &device, devices, secs),
+    );
+    report(
+        &format!("ingest, closed loop, {conns} connections back to back"),
+        closed_loop(&d, &device, conns, devices, 15),
+    );
+    let (status, _) = d.stop();
+    assert!(status.success());
+}
