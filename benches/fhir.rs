@@ -157,7 +157,7 @@ fn main() {
                 let t = Instant::now();
                 let b = search::search(&conn, &ctx, &parsed).unwrap();
                 times.push(t.elapsed().as_secs_f64() * 1e6);
-                matched += b.total;
+                matched += b.total.unwrap_or(0);
             }
         }
         let avg = matched as f64 / (rounds * patients) as f64;

@@ -117,6 +117,11 @@ pub struct Limits {
     /// Requests being worked on at once (default 256); beyond, 503 with
     /// `Retry-After`, so a burst cannot queue without bound.
     pub max_inflight_requests: usize,
+    /// Threads that do the local API's work (SQLite, plugin calls); 0
+    /// (the default) means four per CPU core. Few threads keep SQLite's
+    /// page caches warm and context switches rare; requests beyond them
+    /// wait in line (bounded by `max_inflight_requests`).
+    pub api_workers: usize,
     /// Resources in one ingested Bundle (default 1,000).
     pub max_ingest_entries: usize,
     /// Largest update-channel index, in bytes (default 1 MiB).
@@ -157,6 +162,7 @@ impl Default for Limits {
             request_body_timeout_ms: 10_000,
             max_connections: 1_024,
             max_inflight_requests: 256,
+            api_workers: 0,
             max_ingest_entries: 1_000,
             max_index_bytes: 1024 * 1024,
             max_index_entries: 1_000,

@@ -538,12 +538,16 @@ fn systemd_gets_ready_watchdog_and_stopping() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
+    // As under the unit: no usable $HOME, the code cache in CacheDirectory.
+    let cache = b.path("var-cache-clinicbox");
     let d = Daemon::start(
         &b,
         TEST_CONFIG,
         &[
             ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
             ("WATCHDOG_USEC", "400000"),
+            ("HOME", "/nonexistent/home"),
+            ("CLINICBOX_CACHE_DIR", cache.to_str().unwrap()),
         ],
     );
     let mut got = String::new();
@@ -558,6 +562,12 @@ fn systemd_gets_ready_watchdog_and_stopping() {
     let ready_at = got.find("READY=1").unwrap();
     assert!(ready_at < got.find("WATCHDOG=1").unwrap(), "{got}");
     assert!(got.contains("STATUS=serving on 127.0.0.1:"), "{got}");
+    let cached = walk_files(&cache);
+    assert!(
+        !cached.is_empty(),
+        "nothing compiled into {}",
+        cache.display()
+    );
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     let mut rest = String::new();
@@ -623,4 +633,19 @@ fn the_api_speaks_tls_when_configured() {
     assert!(!r.contains("200"), "{r}");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

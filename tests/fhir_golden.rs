@@ -137,3 +137,38 @@ fn golden_searches_over_the_synthetic_data_set() {
     let matched = got.matches("\"total\": 0").count();
     assert!(matched <= 2, "too many empty golden queries:\n{got}");
 }
+
+#[test]
+fn total_none_gives_the_same_page_without_counting_the_history() {
+    let b = setup();
+    let search = |q: &str| {
+        b.json(&[
+            "fhir",
+            "search",
+            "--tenant",
+            "clinic-a",
+            "--patient",
+            "p0001",
+            q,
+        ])
+    };
+    let q = "Observation?category=vital-signs&_sort=-date&_count=5";
+    let counted = search(q);
+    let quick = search(&format!("{q}&_total=none"));
+    assert!(counted["total"].as_u64().unwrap() > 5);
+    assert_eq!(quick.get("total"), None, "{quick}");
+    assert_eq!(quick["entry"], counted["entry"]);
+    assert_eq!(quick["link"][1]["relation"], "next", "{quick}");
+    // Past the end: no next page.
+    let last = search("Observation?category=vital-signs&_sort=-date&_count=500&_total=none");
+    assert_eq!(last["link"].as_array().unwrap().len(), 1, "{last}");
+    let out = b.run(&[
+        "fhir",
+        "search",
+        "--tenant",
+        "clinic-a",
+        "Observation?_total=some",
+    ]);
+    assert!(!out.status.success());
+    assert!(common::stderr(&out).contains("_total=some is not one of none, estimate, accurate"));
+}

@@ -201,7 +201,7 @@ pub fn run(ctx: &Ctx, cmd: Cmd) -> Result<()> {
             fail_closed(ctx, &scope, "search", &query)?;
             let result = search::search(&conn, &sctx, &q);
             let detail = match &result {
-                Ok(b) => format!("{} resources", b.total),
+                Ok(b) => format!("{} resources", b.total.unwrap_or(b.entry.len() as u64)),
                 Err(e) => e.to_string(),
             };
             record_access(ctx, &scope, "search", &query, result.is_ok(), &detail)?;

@@ -13,7 +13,8 @@
 //!   `Retry-After`, so a burst never queues without bound.
 //!
 //! Handlers ([`super::api::handle`]) are synchronous (SQLite, wasmtime) and
-//! run on smol's blocking pool, never on the executor threads.
+//! run on the daemon's worker threads ([`super::workers`]), never on the
+//! executor threads.
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
@@ -238,8 +239,16 @@ async fn serve_one(
             );
         }
     };
-    let app = app.clone();
-    smol::unblock(move || api::handle(&app, peer, &parts, &body)).await
+    let worker_app = app.clone();
+    app.workers
+        .run(move || api::handle(&worker_app, peer, &parts, &body))
+        .await
+        .unwrap_or_else(|| {
+            (
+                "workers",
+                Reply::error(503, "transient", "clinicbox is shutting down"),
+            )
+        })
 }
 
 fn too_large(limits: &crate::limits::Limits) -> Reply {

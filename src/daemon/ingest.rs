@@ -5,8 +5,9 @@
 //! 1. parse and check every resource (an Observation with a
 //!    `subject` of `Patient/<id>`); one bad entry refuses the whole request
 //!    with 400/422 naming the entry and field, and nothing is stored;
-//! 2. store them in the token's tenant in one transaction (an Observation
-//!    without `id` gets a new UUID, as a FHIR create would);
+//! 2. store them in the token's tenant in one durable (fsynced)
+//!    transaction (an Observation without `id` gets a new UUID, as a FHIR
+//!    create would);
 //! 3. record `fhir.ingest` in the audit log (durable);
 //! 4. run, per patient, every plugin function whose manifest subscription
 //!    matches one of the stored resources, with input
@@ -38,6 +39,10 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     };
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let stored = conns::with(&env.dir, Db::Fhir, |conn| {
+        // A 201 means on disk: this commit is fsynced (the cache's own
+        // refreshes from upstream use NORMAL; device readings exist nowhere
+        // else).
+        conn.pragma_update(None, "synchronous", "FULL")?;
         let tx =
             rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
         let tid = fhir::tenant_id(&tx, &who.tenant, true)?

@@ -28,6 +28,7 @@ mod http;
 pub mod inbox;
 pub mod ingest;
 pub mod metrics;
+mod workers;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -59,6 +60,8 @@ pub struct App {
     /// The inbox directory.
     pub inbox: PathBuf,
     stop: Stop,
+    /// The threads that run handlers.
+    workers: workers::Workers,
 }
 
 impl App {
@@ -131,6 +134,10 @@ pub fn run(
             Err(e) => log::warn!("not loaded: {name}: {e}"),
         }
     }
+    let limits_workers = match config.limits.api_workers {
+        0 => 4 * std::thread::available_parallelism().map_or(2, usize::from),
+        n => n,
+    };
     let app = Arc::new(App {
         rt,
         config: RwLock::new(config),
@@ -140,6 +147,7 @@ pub fn run(
         started,
         inbox,
         stop: Stop::default(),
+        workers: workers::Workers::start(limits_workers)?,
     });
 
     let signals = signal_hook::iterator::Signals::new([

@@ -172,7 +172,10 @@ fn fhir(ctx: &CallCtx, arg: &str, is_search: bool) -> Result<Answer> {
         Ok(if is_search {
             search::parse(arg, &ctx.env.limits)
                 .and_then(|q| search::search(fhir, &sctx, &q))
-                .map(|b| (b.total, serde_json::to_string(&b).unwrap_or_default()))
+                .map(|b| {
+                    let n = b.total.unwrap_or(b.entry.len() as u64);
+                    (n, serde_json::to_string(&b).unwrap_or_default())
+                })
         } else {
             search::read(fhir, &sctx, arg).map(|j| (1, j))
         })

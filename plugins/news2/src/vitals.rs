@@ -32,7 +32,10 @@ use serde::Deserialize;
 use crate::score::{Consciousness, Spo2Scale, Vitals};
 
 /// The FHIR search `news2_latest` runs through the host's `fhir_search`.
-pub const SEARCH_QUERY: &str = "Observation?category=vital-signs&_sort=-date&_count=100";
+/// `_total=none`: the newest 100 are all it reads, so the host need not
+/// count a bedside monitor's whole history on every call.
+pub const SEARCH_QUERY: &str =
+    "Observation?category=vital-signs&_sort=-date&_count=100&_total=none";
 
 /// The LOINC code system URI.
 pub const LOINC_SYSTEM: &str = "http://loinc.org";

@@ -85,8 +85,9 @@ pub struct Bundle {
     resource_type: &'static str,
     #[serde(rename = "type")]
     kind: &'static str,
-    /// Matches in total (all pages).
-    pub total: u64,
+    /// Matches in total (all pages); `None` with `_total=none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
     link: Vec<Link>,
     /// The page's entries (matches, then includes).
     pub entry: Vec<Entry>,
@@ -154,6 +155,12 @@ pub fn search(
         }),
         None => sql.push(" ORDER BY d.rid"),
     }
+    // With `_total=none` the stream stops one row past the page (enough to
+    // know whether there is a next page): the cost is the page's, not the
+    // whole history's.
+    if q.no_total {
+        sql.push(&format!(" LIMIT {}", q.offset + q.count + 1));
+    }
     let mut total = 0u64;
     let mut rids: Vec<i64> = Vec::with_capacity(q.count.min(64));
     let mut stmt = conn.prepare_cached(&sql.text)?;
@@ -188,7 +195,7 @@ pub fn search(
     Ok(Bundle {
         resource_type: "Bundle",
         kind: "searchset",
-        total,
+        total: (!q.no_total).then_some(total),
         link,
         entry: entries,
     })
@@ -198,7 +205,7 @@ fn empty_bundle(q: &Query) -> Bundle {
     Bundle {
         resource_type: "Bundle",
         kind: "searchset",
-        total: 0,
+        total: (!q.no_total).then_some(0),
         link: vec![Link {
             relation: "self",
             url: q.raw.clone(),

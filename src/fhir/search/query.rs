@@ -58,6 +58,10 @@ pub struct Query {
     pub(super) patient_param: Option<(String, String)>,
     /// The query string as given (for the self link).
     pub(super) raw: String,
+    /// `_total=none`: do not count every match (Bundle.total is left out,
+    /// and the search stops after the page), for callers that only want the
+    /// newest few of a long history.
+    pub(super) no_total: bool,
 }
 
 /// Parses `Type?name=value&…`.
@@ -87,6 +91,7 @@ pub fn parse(q: &str, limits: &Limits) -> Result<Query, SearchError> {
         include_medication: false,
         patient_param: None,
         raw: q.to_owned(),
+        no_total: false,
     };
     for pair in rest.split('&').filter(|s| !s.is_empty()) {
         let (name_raw, value_raw) = pair
@@ -155,6 +160,16 @@ impl Query {
                     .map_err(|_| invalid(format!("_count {value:?} is not a number")))?;
                 self.count = n.min(limits.search_max_count);
             }
+            "_total" => match value {
+                "none" => self.no_total = true,
+                // An exact count is what every search gives by default.
+                "accurate" | "estimate" => self.no_total = false,
+                other => {
+                    return Err(invalid(format!(
+                        "_total={other} is not one of none, estimate, accurate"
+                    )));
+                }
+            },
             "_offset" => {
                 self.offset = value
                     .parse()
