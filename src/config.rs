@@ -437,6 +437,7 @@ impl Config {
                 };
                 let mut scratch = limits.clone();
                 let mut up = self::upstream(as_upstream, &mut scratch).map_err(|(f, r)| {
+                    let r = r.replace("upstream.", "updates.");
                     field(
                         match f {
                             "upstream.url" => "updates.url",
@@ -590,11 +591,15 @@ fn upstream(u: RawUpstream, limits: &mut Limits) -> Result<Upstream, (&'static s
         attempts,
         backoff: ms(u.backoff_ms, 1_000, "upstream.backoff_ms")?,
         backoff_max: ms(u.backoff_max_ms, 60_000, "upstream.backoff_max_ms")?,
-        interval: ms(
-            u.interval_secs.map(|s| s.saturating_mul(1000)),
-            60_000,
-            "upstream.interval_secs",
-        )?,
+        interval: match u.interval_secs.unwrap_or(60) {
+            s @ 1..=86_400 => std::time::Duration::from_secs(s),
+            s => {
+                return Err((
+                    "upstream.interval_secs",
+                    format!("{s} is outside 1..=86400"),
+                ));
+            }
+        },
         pull,
     })
 }
@@ -633,5 +638,39 @@ mod tests {
     fn missing_explicit_file_is_an_error() {
         let e = Config::load(Some(Path::new("/nonexistent/clinicbox.toml"))).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/clinicbox.toml"), "{e}");
+    }
+
+    #[test]
+    fn daemon_sections_are_validated_by_field() {
+        let c = parse("[api]\nlisten = \"0.0.0.0:9000\"\n[daemon]\ndrain_secs = 3\n").unwrap();
+        assert_eq!(c.daemon.listen, "0.0.0.0:9000");
+        assert_eq!(c.daemon.drain, std::time::Duration::from_secs(3));
+        for (text, want) in [
+            ("[api]\nlisten = \"localhost\"\n", "field `api.listen`"),
+            (
+                "[api]\ntls_cert = \"/x\"\n",
+                "field `api.tls_key`: tls_cert needs tls_key",
+            ),
+            (
+                "[daemon]\ninbox_poll_ms = 1\n",
+                "field `daemon.inbox_poll_ms`",
+            ),
+            (
+                "[updates]\nurl = \"http://u\"\n",
+                "set updates.allow_plain_http",
+            ),
+            (
+                "[updates]\nurl = \"https://u\"\ninterval_secs = 100000\n",
+                "field `updates.interval_secs`: 100000 is outside 1..=86400",
+            ),
+            ("cache_dir = \"rel\"\n", "field `cache_dir`"),
+            (
+                "[limits]\nmax_request_body_kib = 0\n",
+                "field `limits.max_request_body_kib`",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 }

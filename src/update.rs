@@ -23,6 +23,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use ed25519_dalek::SigningKey;
+use rusqlite::OptionalExtension;
 use semver::Version;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -321,7 +322,15 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
     };
     let state = dir.open_state()?;
     let result = (|| -> Result<VerifiedIndex, UpdateError> {
-        let bytes = client.get_bytes(&index_url, limits.max_index_bytes)?;
+        let bytes = match client.get_bytes(&index_url, limits.max_index_bytes) {
+            Err(SyncError::TooLarge { cap, .. }) => {
+                return Err(UpdateError::BadIndex {
+                    url: index_url.clone(),
+                    reason: format!("oversize: more than {cap} bytes"),
+                });
+            }
+            r => r?,
+        };
         let policy = TrustPolicy::load(&state).map_err(|e| UpdateError::BadIndex {
             url: index_url.clone(),
             reason: format!("{e:#}"),
@@ -341,7 +350,11 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
                 [&index_url],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
             )
-            .ok();
+            .optional()
+            .map_err(|e| UpdateError::BadIndex {
+                url: index_url.clone(),
+                reason: format!("cannot read the last accepted index from state.db: {e}"),
+            })?;
         verify_index(&index_url, &bytes, &policy, now, last, limits)
     })();
     let verified = match result {
@@ -364,13 +377,17 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
         installed: 0,
     };
     for entry in &verified.index.bundles {
+        // Compared with the highest version ever accepted (the version
+        // floor), not the current one: after `plugin rollback` or `plugin
+        // remove`, the channel does not bring back what the admin took away;
+        // only a newer release installs.
         let installed: Option<String> = state
             .query_row(
-                "SELECT v.version FROM plugins p JOIN plugin_versions v ON v.digest = p.current WHERE p.name = ?1",
+                "SELECT version FROM version_floors WHERE name = ?1",
                 [&entry.name],
                 |r| r.get(0),
             )
-            .ok();
+            .optional()?;
         let newer = match installed.as_deref().map(Version::parse) {
             Some(Ok(have)) => Version::parse(&entry.version).is_ok_and(|want| want > have),
             _ => true,
@@ -397,7 +414,12 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
             }
             Err(e) => {
                 let reason = format!("{e:#}");
-                if e.downcast_ref::<UpdateError>().is_some() {
+                // A refused download is recorded; one that could not be
+                // fetched (offline, HTTP error) is retried next poll.
+                if matches!(
+                    e.downcast_ref::<UpdateError>(),
+                    Some(UpdateError::Download { .. })
+                ) {
                     record(
                         "refused",
                         serde_json::json!({"file": entry.file, "reason": reason}),

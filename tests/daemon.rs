@@ -184,8 +184,30 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         );
     }
 
-    // One Observation alone also triggers.
-    let one = doc["entry"][0]["resource"].clone();
+    // One Observation alone also triggers; resent unchanged, it is neither
+    // stored again nor triggers anything.
+    let mut one = doc["entry"][0]["resource"].clone();
+    one["id"] = json!("rr-fixed-1");
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        one.to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    assert_eq!(a.json()["stored"][0], "Observation/rr-fixed-1");
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        one.to_string().as_bytes(),
+    );
+    assert_eq!(
+        a.json()["unchanged"][0],
+        "Observation/rr-fixed-1",
+        "{}",
+        a.text()
+    );
+    assert_eq!(a.json()["triggered"], json!([]));
+    one.as_object_mut().unwrap().remove("id");
     let a = d.post(
         "/fhir/Observation",
         Some(&device),
@@ -240,7 +262,7 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     let ingests = records(&b, "fhir.ingest");
-    assert_eq!(ingests.len(), 2);
+    assert_eq!(ingests.len(), 4);
     assert_eq!(ingests[0]["token"].as_str().unwrap().len(), 12);
     b.ok(&["audit", "verify"]);
 }

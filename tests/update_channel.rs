@@ -175,6 +175,13 @@ fn update_channel_installs_and_refuses_stale_rollback_oversize_and_substitutes()
         c.b.installed(),
         vec![("acme/vitals".into(), "2.0.0".into())]
     );
+    // An admin's rollback stays: the channel brings back only newer releases.
+    c.b.ok(&["plugin", "rollback", "acme/vitals"]);
+    assert!(c.update().status.success());
+    assert_eq!(
+        c.b.installed(),
+        vec![("acme/vitals".into(), "1.0.0".into())]
+    );
 
     let refusals: Vec<_> = records(&c.b, "update")
         .into_iter()

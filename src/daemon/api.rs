@@ -211,8 +211,10 @@ fn authenticate(app: &App, parts: &Parts) -> Result<Principal, AuthError> {
     let token = header
         .to_str()
         .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .ok_or(AuthError::Missing)?
+        .1
         .trim();
     conns::with(&app.rt.env().dir, Db::State, |state| {
         Ok(tokens::authenticate(state, token))
@@ -233,6 +235,7 @@ fn deny(
     reason: &str,
 ) {
     let body = json!({
+        "outcome": "denied",
         "status": status,
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
@@ -392,9 +395,8 @@ fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply
         ),
         _ => return Reply::error(404, "not-found", "no such FHIR route"),
     };
-    let text = percent_encoding::percent_decode_str(&text)
-        .decode_utf8_lossy()
-        .into_owned();
+    // The search parser decodes each parameter itself; decoding the whole
+    // query first would turn an encoded `&` or `=` into a separator.
     let result: anyhow::Result<Result<Vec<u8>, SearchError>> = (|| {
         if let Some(reason) = conns::with(&env.dir, Db::Audit, |a| {
             crate::audit::over_budget(a, &env.limits)

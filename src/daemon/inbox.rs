@@ -94,9 +94,18 @@ pub fn scan(
 fn take(app: &App, inbox: &Path, path: &Path, file: &str) -> Result<String, String> {
     let env = app.rt.env();
     let result = if file.ends_with(".cbx") {
+        // Recorded (accepted or refused) by the install itself.
         crate::admin::install_file(&env.dir, path, &env.limits).map_err(|e| format!("{e:#}"))
     } else {
-        Err("not a .cbx bundle (only .cbx files are taken from the inbox)".to_owned())
+        let reason = "not a .cbx bundle (only .cbx files are taken from the inbox)".to_owned();
+        let body = serde_json::json!({"action": "inbox", "file": file, "outcome": "rejected", "reason": reason});
+        if let Err(e) = env
+            .audit
+            .append(crate::audit::log::Entry::new("inbox", &body))
+        {
+            log::error!("inbox: cannot record the refusal of {file}: {e:#}");
+        }
+        Err(reason)
     };
     match result {
         Ok(report) => {

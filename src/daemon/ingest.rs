@@ -47,16 +47,33 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
         let tid = fhir::tenant_id(&tx, &who.tenant, true)?
             .ok_or_else(|| anyhow::anyhow!("tenant {} could not be created", who.tenant))?;
+        let mut written = Vec::with_capacity(resources.len());
         for (_, _, res) in &resources {
-            store::upsert(&tx, tid, res.clone(), now_ms as i64)?;
+            let u = store::upsert(&tx, tid, res.clone(), now_ms as i64)?;
+            written.push(matches!(
+                u,
+                store::Upserted::Created | store::Upserted::Updated
+            ));
         }
         tx.commit()?;
-        Ok(())
+        Ok(written)
     });
-    if let Err(e) = stored {
-        log::error!("api: ingest: {e:#}");
-        return Reply::error(500, "exception", &format!("cannot store: {e:#}"));
-    }
+    let written = match stored {
+        Ok(w) => w,
+        Err(e) => {
+            log::error!("api: ingest: {e:#}");
+            return Reply::error(500, "exception", &format!("cannot store: {e:#}"));
+        }
+    };
+    // A resource resent unchanged (or older than what is stored) is not
+    // stored again and triggers nothing; it is listed as `unchanged`.
+    let (resources, unchanged): (Vec<_>, Vec<_>) =
+        resources.into_iter().zip(written).partition(|(_, w)| *w);
+    let resources: Vec<_> = resources.into_iter().map(|(r, _)| r).collect();
+    let unchanged: Vec<String> = unchanged
+        .into_iter()
+        .map(|((id, _, _), _)| format!("Observation/{id}"))
+        .collect();
     app.metrics
         .ingested
         .fetch_add(resources.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -70,6 +87,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         "token": who.id,
         "tenant": who.tenant,
         "resources": refs,
+        "unchanged": unchanged,
         "patients": resources.iter().map(|(_, p, _)| p).collect::<std::collections::BTreeSet<_>>(),
     });
     if let Err(e) = env.audit.append(Entry::new("fhir.ingest", &record)) {
@@ -87,9 +105,17 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             vec![]
         }
     };
-    // (plugin, function, patient), each once, in a stable order.
+    // (plugin, function, patient), each once, in a stable order; only
+    // plugins granted something in this tenant (an ungranted plugin could
+    // only fail, and failures quarantine it for every tenant).
+    let granted = |plugin: &str| {
+        conns::with(&env.dir, Db::State, |s| {
+            Ok(!crate::runtime::grants::granted(s, &who.tenant, plugin)?.is_empty())
+        })
+        .unwrap_or(false)
+    };
     let mut triggers = std::collections::BTreeSet::new();
-    for (plugin, sub) in &subs {
+    for (plugin, sub) in subs.iter().filter(|(p, _)| granted(p)) {
         for (id, patient, res) in &resources {
             if sub.matches(res, id) {
                 triggers.insert((plugin.clone(), sub.function.clone(), patient.clone()));
@@ -123,7 +149,10 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             }),
         });
     }
-    Reply::json(201, &json!({"stored": refs, "triggered": triggered}))
+    Reply::json(
+        201,
+        &json!({"stored": refs, "unchanged": unchanged, "triggered": triggered}),
+    )
 }
 
 /// The request's Observations as (id, patient, resource), all checked.
@@ -198,7 +227,7 @@ fn collect(
         if res.get("code").is_none() {
             return Err(format!("{at}.code: required"));
         }
-        store::last_updated_ms(&res).map_err(|e| format!("{at}.meta.lastUpdated: {e}"))?;
+        store::last_updated_ms(&res).map_err(|e| format!("{at}.{e}"))?;
         out.push((id, patient.to_owned(), res));
     }
     Ok(out)

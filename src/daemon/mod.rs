@@ -295,9 +295,15 @@ fn reload_config(app: &App, reload: &Reload) {
     match reload() {
         Ok(new) => {
             let old = app.config();
-            if new.limits != old.limits || new.daemon.listen != old.daemon.listen {
+            let restart_only = new.limits != old.limits
+                || new.daemon.listen != old.daemon.listen
+                || new.daemon.tls != old.daemon.tls
+                || new.daemon.inbox != old.daemon.inbox
+                || new.cache_dir != old.cache_dir
+                || new.log_level != old.log_level;
+            if restart_only {
                 log::warn!(
-                    "config reloaded; changes to [limits] and api.listen take effect at the next restart"
+                    "config reloaded; changes to [limits] (and upstream.audit_budget_kib), [api], daemon.inbox, cache_dir and log_level take effect at the next restart"
                 );
             } else {
                 log::info!("config reloaded");
