@@ -261,6 +261,13 @@ fn deployment_guide_states_the_documented_exposure() {
         "{} must quote the measured line {line:?}",
         path.display()
     );
+    let readme = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let text = std::fs::read_to_string(&readme).expect("README.md");
+    let stated = format!("rates the unit **{DOCUMENTED_EXPOSURE:.1}**");
+    assert!(
+        text.contains(&stated),
+        "README.md must state the exposure level: {stated:?}"
+    );
 }
 
 #[test]

@@ -195,7 +195,8 @@ pub fn render(r: &Record, appliance: &str) -> Value {
             // Application activity: bundle decisions, grants, imports, sync;
             // security alerts: rejections and quarantines.
             let alert = (kind == "bundle.decision" && s(&body, "outcome") == "rejected")
-                || kind == "quarantine";
+                || kind == "quarantine"
+                || kind == "api.denied";
             ev["type"] = if alert {
                 coding(DCM, "110113", "Security Alert")
             } else {
