@@ -37,7 +37,7 @@ CARGO_HOME_DIR=${CARGO_HOME:-$HOME/.cargo}
 ZIG_DIR=$("$VENV/bin/python" -c 'import os, ziglang; print(os.path.dirname(ziglang.__file__))') ||
     die "ziglang missing in $VENV: run cross/setup.sh"
 export PATH="$ZIG_DIR:$PATH" # cargo-zigbuild runs the first `zig` on PATH
-cargo zigbuild --version >/dev/null 2>&1 || die "cargo-zigbuild missing: run cross/setup.sh"
+command -v cargo-zigbuild >/dev/null 2>&1 || die "cargo-zigbuild missing: run cross/setup.sh"
 
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
 [ -n "$VERSION" ] || die "cannot read the version from Cargo.toml"

@@ -671,3 +671,41 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn the_daemon_syncs_the_audit_log_and_rides_out_an_upstream_outage() {
+    use common::upstream::{CertKind, Fault, Upstream};
+    let b = news2_box(3, true);
+    let app = token(&b, "app", "app", "clinic-a", &[NEWS2_VITALS]);
+    let admin = token(&b, "it", "admin", "clinic-a", &[]);
+    let up = Upstream::start(b.tmp.path(), CertKind::Good);
+    // The first passes fail (500s), then upstream recovers.
+    up.inject(&[Fault::Status500, Fault::Status500, Fault::Status500]);
+    let config = format!(
+        "{TEST_CONFIG}[upstream]\nurl = \"{}\"\nca_file = \"{}\"\nattempts = 1\nbackoff_ms = 50\nbackoff_max_ms = 200\ninterval_secs = 1\n",
+        up.url,
+        up.ca_pem.display()
+    );
+    let d = Daemon::start(&b, &config, &[]);
+    for _ in 0..3 {
+        assert_eq!(d.post(INVOKE, Some(&app), &invoke_body("p0002")).status, 200);
+    }
+    d.wait_for("the backlog to reach upstream", || {
+        let s = d.get("/status", Some(&admin), &[]).json();
+        s["audit"]["backlog_records"] == 0 && s["audit"]["last_success"].is_string()
+    });
+    let m = d.get("/metrics", Some(&admin), &[]).text();
+    assert!(m.contains("clinicbox_sync_failures_total 3"), "{m}");
+    assert!(m.contains("clinicbox_audit_backlog_records 0"), "{m}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    // Every call reached upstream exactly once as an AuditEvent.
+    let calls: Vec<String> = records(&b, "plugin.call")
+        .iter()
+        .map(|r| r["call_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(calls.len(), 3);
+    let ids = up.ids();
+    assert!(ids.len() >= 3, "{ids:?}");
+    assert!(up.seen.lock().unwrap().puts.values().all(|n| *n == 1), "a record was sent twice");
+}

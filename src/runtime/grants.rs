@@ -146,8 +146,15 @@ pub fn note_failure(
 
 /// Resets the failure count after a successful call (no write if already 0).
 pub fn note_success(conn: &Connection, plugin: &str) -> Result<()> {
-    conn.prepare_cached("UPDATE plugin_health SET consecutive_failures = 0 WHERE plugin = ?1 AND consecutive_failures > 0")?
-        .execute([plugin])?;
+    // Read first: the common case (no failures) then takes no write lock,
+    // so concurrent successful calls never queue on state.db.
+    let failing: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM plugin_health WHERE plugin = ?1 AND consecutive_failures > 0)")?
+        .query_row([plugin], |r| r.get(0))?;
+    if failing {
+        conn.prepare_cached("UPDATE plugin_health SET consecutive_failures = 0 WHERE plugin = ?1 AND consecutive_failures > 0")?
+            .execute([plugin])?;
+    }
     Ok(())
 }
 
