@@ -62,7 +62,12 @@ fn ingest_box(patients: usize) -> (TestBox, Daemon, String) {
     let device = token(&b, "bench", "device", "clinic-a", &[]);
     let d = Daemon::start(
         &b,
-        "log_level = \"warn\"\n[api]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_inflight_requests = 4096\n",
+        &format!(
+            "log_level = \"warn\"\n[api]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_inflight_requests = 4096\n{}",
+            std::env::var("BENCH_LIMITS")
+                .unwrap_or_default()
+                .replace(';', "\n")
+        ),
         &[],
     );
     for p in 0..patients {

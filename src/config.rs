@@ -201,6 +201,8 @@ pub struct RawLimits {
     pub request_body_timeout_ms: Option<u64>,
     /// Requests worked on at once by the local API (default 256).
     pub max_inflight_requests: Option<usize>,
+    /// Threads that run the local API's handlers (default: 4 per core).
+    pub api_workers: Option<usize>,
 }
 
 /// Validated configuration.
@@ -370,6 +372,9 @@ impl Config {
             if let Some(v) = l.request_body_timeout_ms {
                 limits.request_body_timeout_ms =
                     bounded(v, 100, 600_000, "limits.request_body_timeout_ms")?;
+            }
+            if let Some(v) = l.api_workers {
+                limits.api_workers = bounded(v as u64, 1, 1024, "limits.api_workers")? as usize;
             }
             if let Some(v) = l.max_inflight_requests {
                 limits.max_inflight_requests =

@@ -688,7 +688,10 @@ fn the_daemon_syncs_the_audit_log_and_rides_out_an_upstream_outage() {
     );
     let d = Daemon::start(&b, &config, &[]);
     for _ in 0..3 {
-        assert_eq!(d.post(INVOKE, Some(&app), &invoke_body("p0002")).status, 200);
+        assert_eq!(
+            d.post(INVOKE, Some(&app), &invoke_body("p0002")).status,
+            200
+        );
     }
     d.wait_for("the backlog to reach upstream", || {
         let s = d.get("/status", Some(&admin), &[]).json();
@@ -707,5 +710,8 @@ fn the_daemon_syncs_the_audit_log_and_rides_out_an_upstream_outage() {
     assert_eq!(calls.len(), 3);
     let ids = up.ids();
     assert!(ids.len() >= 3, "{ids:?}");
-    assert!(up.seen.lock().unwrap().puts.values().all(|n| *n == 1), "a record was sent twice");
+    assert!(
+        up.seen.lock().unwrap().puts.values().all(|n| *n == 1),
+        "a record was sent twice"
+    );
 }
