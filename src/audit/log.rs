@@ -363,11 +363,30 @@ impl AuditLog {
 
     /// Appends `entry` and returns once it is durable (group commit).
     pub fn append(&self, entry: Entry) -> Result<Receipt> {
+        self.submit(entry)?.wait()
+    }
+
+    /// Queues `entry` without waiting. The writer commits in queue order,
+    /// so once a later append is durable this one is too (or failed: check
+    /// with [`Pending::wait`], which then returns at once). Lets a caller
+    /// overlap its own work, or several records, with one fsync.
+    pub fn submit(&self, entry: Entry) -> Result<Pending> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.tx
             .send((entry, reply))
             .map_err(|_| anyhow::anyhow!("the audit writer has stopped"))?;
-        answer
+        Ok(Pending(answer))
+    }
+}
+
+/// A queued append (see [`AuditLog::submit`]).
+#[derive(Debug)]
+pub struct Pending(mpsc::Receiver<Result<Receipt, String>>);
+
+impl Pending {
+    /// Waits until the record is durable (or failed).
+    pub fn wait(self) -> Result<Receipt> {
+        self.0
             .recv()
             .map_err(|_| anyhow::anyhow!("the audit writer stopped before answering"))?
             .map_err(anyhow::Error::msg)

@@ -90,14 +90,12 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         "unchanged": unchanged,
         "patients": resources.iter().map(|(_, p, _)| p).collect::<std::collections::BTreeSet<_>>(),
     });
-    if let Err(e) = env.audit.append(Entry::new("fhir.ingest", &record)) {
-        log::error!("api: cannot record an ingest: {e:#}");
-        return Reply::error(
-            503,
-            "transient",
-            "stored, but the ingest could not be recorded; retry",
-        );
-    }
+    // Queued now, waited for before the answer: the triggered calls'
+    // records share its fsync.
+    let recorded = match env.audit.submit(Entry::new("fhir.ingest", &record)) {
+        Ok(p) => p,
+        Err(e) => return unrecorded(&e),
+    };
     let subs = match app.rt.subscriptions() {
         Ok(s) => s,
         Err(e) => {
@@ -149,9 +147,21 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             }),
         });
     }
+    if let Err(e) = recorded.wait() {
+        return unrecorded(&e);
+    }
     Reply::json(
         201,
         &json!({"stored": refs, "unchanged": unchanged, "triggered": triggered}),
+    )
+}
+
+fn unrecorded(e: &anyhow::Error) -> Reply {
+    log::error!("api: cannot record an ingest: {e:#}");
+    Reply::error(
+        503,
+        "transient",
+        "stored, but the ingest could not be recorded; retry",
     )
 }
 

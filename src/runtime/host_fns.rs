@@ -122,9 +122,15 @@ fn dispatch(name: &'static str, granted: bool, ctx: &CallCtx, arg: &str) -> Resu
         detail: detail.clone(),
         duration_us: started.elapsed().as_micros() as u64,
     };
-    // Durable before the data leaves.
+    // Queued now; durable before any output of this call leaves the host:
+    // the call's own record is appended after it, in the same writer
+    // queue, and the call waits for both (Runtime::call).
     let t = Instant::now();
-    record::access(&ctx.env.audit, &rec)?;
+    let pending = record::access(&ctx.env.audit, &rec)?;
+    ctx.pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(pending);
     add_db_time(ctx, t);
     Ok(match body {
         Some(b) => b,

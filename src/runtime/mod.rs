@@ -81,6 +81,9 @@ pub struct CallCtx {
     pub db_ns: AtomicU64,
     /// Environment.
     pub env: Arc<Env>,
+    /// Access records queued by host functions during this call; the call
+    /// waits for them before its output may leave.
+    pub pending: Mutex<Vec<crate::audit::log::Pending>>,
 }
 
 /// A request to run one exported function.
@@ -391,7 +394,8 @@ impl Runtime {
             detail: String::new(),
             duration_us: 0,
         };
-        let result = self.call_inner(req, &call_id, &mut rec);
+        let mut pending = Vec::new();
+        let result = self.call_inner(req, &call_id, &mut rec, &mut pending);
         rec.duration_us = started.elapsed().as_micros() as u64;
         let (outcome, detail) = match &result {
             Ok(o) => ("ok", format!("{} bytes out", o.output.len())),
@@ -409,6 +413,15 @@ impl Runtime {
         record::call(&self.env.audit, &rec).map_err(|e| {
             CallError::Refused(format!("cannot record the call, output withheld: {e:#}"))
         })?;
+        // Queued before the call record, so already settled: any failure
+        // means an access went unrecorded, and the output stays inside.
+        for p in pending {
+            p.wait().map_err(|e| {
+                CallError::Refused(format!(
+                    "cannot record a data access of the call, output withheld: {e:#}"
+                ))
+            })?;
+        }
         let now = format_time(time::OffsetDateTime::now_utc());
         let quarantined_now = conns::with(&self.env.dir, Db::State, |state| {
             Ok(match &result {
@@ -451,6 +464,7 @@ impl Runtime {
         req: &CallRequest,
         call_id: &str,
         rec: &mut record::CallRecord,
+        pending: &mut Vec<crate::audit::log::Pending>,
     ) -> Result<CallOutput, CallError> {
         if !crate::fhir::is_valid_tenant(&req.tenant) || !crate::fhir::is_valid_id(&req.patient) {
             return Err(CallError::Refused(
@@ -496,6 +510,7 @@ impl Runtime {
             host_calls: AtomicU32::new(0),
             db_ns: AtomicU64::new(0),
             env: self.env.clone(),
+            pending: Mutex::new(Vec::new()),
         });
         let linked = host_fns::linked(&ctx.scopes);
         let key = PoolKey {
@@ -519,6 +534,7 @@ impl Runtime {
             )
         }));
         let guest_us = ran.elapsed().as_micros() as u64;
+        pending.append(&mut ctx.pending.lock().unwrap_or_else(|p| p.into_inner()));
         let host_db_us = ctx.db_ns.load(Ordering::Relaxed) / 1000;
         let dropped = instance.dropped_log_bytes;
         if dropped > 0 {

@@ -73,8 +73,8 @@ pub struct AccessRecord {
 }
 
 /// Appends a host-access record, durably.
-pub fn access(log: &AuditLog, r: &AccessRecord) -> Result<Receipt> {
-    log.append(Entry::new("host.access", r))
+pub fn access(log: &AuditLog, r: &AccessRecord) -> Result<crate::audit::log::Pending> {
+    log.submit(Entry::new("host.access", r))
 }
 
 /// The newest `limit` calls, oldest first.
