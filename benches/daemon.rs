@@ -26,7 +26,7 @@ use clinicbox::fhir::synth::round::{Reading, bundle};
 mod common;
 
 use common::daemon::{Daemon, token};
-use common::{NEWS2_VITALS, TestBox, repo};
+use common::{NEWS2_VITALS, TestBox};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -45,14 +45,7 @@ fn env_n(k: &str, d: u64) -> u64 {
 /// Observation can be scored).
 fn ingest_box(patients: usize) -> (TestBox, Daemon, String) {
     let b = TestBox::new();
-    let key = repo().join("update-bundles/dev-vendor.pub");
-    b.ok(&[
-        "trust",
-        "add",
-        "--namespace",
-        "acme/",
-        key.to_str().unwrap(),
-    ]);
+    b.trust_dev_vendor();
     b.ok(&[
         "plugin",
         "install",
@@ -114,6 +107,18 @@ struct Outcome {
     secs: f64,
 }
 
+impl Outcome {
+    fn new(secs: u64) -> Outcome {
+        Outcome {
+            lat_ms: Vec::new(),
+            errors: 0,
+            not_scored: 0,
+            sent: 0,
+            secs: secs as f64,
+        }
+    }
+}
+
 fn post_one(a: &ureq::Agent, url: &str, auth: &str, body: &[u8]) -> (bool, bool) {
     match a
         .post(url)
@@ -133,13 +138,7 @@ fn post_one(a: &ureq::Agent, url: &str, auth: &str, body: &[u8]) -> (bool, bool)
 fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
     let url = format!("{}/fhir/Observation", d.base);
     let auth = format!("Bearer {token}");
-    let out = Arc::new(Mutex::new(Outcome {
-        lat_ms: Vec::new(),
-        errors: 0,
-        not_scored: 0,
-        sent: 0,
-        secs: secs as f64,
-    }));
+    let out = Arc::new(Mutex::new(Outcome::new(secs)));
     let start = Instant::now() + Duration::from_millis(200);
     let period = Duration::from_millis(100);
     let mut threads = Vec::new();
@@ -189,13 +188,7 @@ fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
 fn closed_loop(d: &Daemon, token: &str, conns: usize, patients: usize, secs: u64) -> Outcome {
     let url = format!("{}/fhir/Observation", d.base);
     let auth = format!("Bearer {token}");
-    let out = Arc::new(Mutex::new(Outcome {
-        lat_ms: Vec::new(),
-        errors: 0,
-        not_scored: 0,
-        sent: 0,
-        secs: secs as f64,
-    }));
+    let out = Arc::new(Mutex::new(Outcome::new(secs)));
     let end = Instant::now() + Duration::from_secs(secs);
     let mut threads = Vec::new();
     for i in 0..conns {

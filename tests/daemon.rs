@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clinicbox::fhir::synth::round::{Reading, bundle as vitals};
 use common::daemon::{Daemon, TEST_CONFIG, records, token};
-use common::{NEWS2_VITALS, news2_box, repo};
+use common::{NEWS2_VITALS, news2_box};
 use serde_json::{Value, json};
 
 const INVOKE: &str = "/plugins/acme/news2/news2_latest";
@@ -270,14 +270,7 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
 #[test]
 fn inbox_installs_dropped_bundles_and_moves_refused_ones_aside() {
     let b = common::TestBox::new();
-    let key = repo().join("update-bundles/dev-vendor.pub");
-    b.ok(&[
-        "trust",
-        "add",
-        "--namespace",
-        "acme/",
-        key.to_str().unwrap(),
-    ]);
+    b.trust_dev_vendor();
     b.synth_and_import(3, 120, &["clinic-a"]);
     let app = token(&b, "app", "app", "clinic-a", &[]);
     let admin = token(&b, "it", "admin", "clinic-a", &[]);

@@ -330,14 +330,7 @@ pub const NEWS2_VITALS: &str = "patient/Observation.rs?category=http://terminolo
 /// plugin granted its vital-signs scope.
 pub fn news2_box(patients: u32, grant: bool) -> TestBox {
     let b = TestBox::new();
-    let key = repo().join("update-bundles/dev-vendor.pub");
-    b.ok(&[
-        "trust",
-        "add",
-        "--namespace",
-        "acme/",
-        key.to_str().unwrap(),
-    ]);
+    b.trust_dev_vendor();
     b.ok(&["plugin", "install", example_bundle().to_str().unwrap()]);
     b.synth_and_import(patients, 120, &["clinic-a"]);
     if grant {
@@ -347,6 +340,18 @@ pub fn news2_box(patients: u32, grant: bool) -> TestBox {
 }
 
 impl TestBox {
+    /// Trusts the dev vendor key (update-bundles/, TEST ONLY) for `acme/`.
+    pub fn trust_dev_vendor(&self) {
+        let key = repo().join("update-bundles/dev-vendor.pub");
+        self.ok(&[
+            "trust",
+            "add",
+            "--namespace",
+            "acme/",
+            key.to_str().unwrap(),
+        ]);
+    }
+
     /// `fhir import --tenant TENANT FILES…`, asserting success.
     pub fn import(&self, tenant: &str, files: &[&Path]) {
         let mut args = vec!["fhir", "import", "--tenant", tenant];
