@@ -532,6 +532,14 @@ fn malformed_http_gets_a_clean_4xx_and_the_daemon_stays_healthy() {
     }
     let a = d.post("/nowhere", Some(&app), b"{}");
     assert_eq!(a.status, 404);
+    let a = d.post(
+        "/plugins/acme/news2/nope",
+        Some(&app),
+        &invoke_body("p0002"),
+    );
+    assert_eq!(a.status, 404, "{}", a.text());
+    let said = a.json()["issue"][0]["diagnostics"].clone();
+    assert_eq!(said, "acme/news2 does not export \"nope\"");
     let a = d.get(INVOKE, Some(&app), &[]);
     assert_eq!(a.status, 405);
     assert_eq!(a.header("allow"), Some("POST"));

@@ -118,7 +118,7 @@ fn fail_closed(ctx: &Ctx, scope: &ScopeArgs, action: &str, query: &str) -> Resul
     let reason = crate::audit::over_budget(&ctx.dir.open_audit()?, &ctx.config.limits)?;
     if let Some(reason) = reason {
         record_access(ctx, scope, action, query, false, &reason)?;
-        return Err(crate::runtime::CallError::Refused(reason).into());
+        return Err(crate::runtime::CallError::FailClosed(reason).into());
     }
     Ok(())
 }

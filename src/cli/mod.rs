@@ -137,6 +137,7 @@ pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
             return match e {
                 crate::runtime::CallError::NotInstalled(_) => ExitStatus::NotFound,
                 crate::runtime::CallError::Failed { .. } => ExitStatus::PluginFailed,
+                crate::runtime::CallError::Internal(_) => ExitStatus::Failure,
                 _ => ExitStatus::Refused,
             };
         }

@@ -340,6 +340,7 @@ pub fn run_call(app: &App, call: &CallRequest) -> Result<Value, Reply> {
         Err(CallError::Failed { .. }) => "failed",
         Err(CallError::Busy(_)) => "busy",
         Err(CallError::Quarantined { .. }) => "quarantined",
+        Err(CallError::Internal(_)) => "error",
         Err(_) => "refused",
     };
     app.metrics.call(&call.plugin, outcome, started.elapsed());
@@ -362,9 +363,12 @@ pub fn run_call(app: &App, call: &CallRequest) -> Result<Value, Reply> {
                 CallError::NotInstalled(_) => Reply::error(404, "not-found", &msg),
                 CallError::Quarantined { .. } => Reply::error(503, "suppressed", &msg),
                 CallError::Busy(_) => Reply::error(503, "throttled", &msg).retry_after(1),
-                CallError::Refused(_) if msg.contains("fail-closed") => {
-                    Reply::error(503, "transient", &msg)
+                CallError::NotExported { .. } => Reply::error(404, "not-found", &msg),
+                CallError::Internal(_) => {
+                    log::error!("api: {msg}");
+                    Reply::error(500, "exception", &msg)
                 }
+                CallError::FailClosed(_) => Reply::error(503, "transient", &msg),
                 CallError::Refused(_) => Reply::error(403, "forbidden", &msg),
                 CallError::Failed { .. } => Reply::error(422, "processing", &msg),
             })

@@ -137,9 +137,24 @@ pub enum CallError {
         /// Why.
         reason: String,
     },
-    /// Refused before running (unknown function, bad context).
+    /// Refused before running (bad context, nothing granted to run with).
     #[error("refused: {0}")]
     Refused(String),
+    /// The plugin has no such exported function.
+    #[error("{plugin} does not export {function:?}")]
+    NotExported {
+        /// Plugin.
+        plugin: String,
+        /// The function asked for.
+        function: String,
+    },
+    /// The unsynced audit backlog is over its disk budget (fail closed).
+    #[error("{0}")]
+    FailClosed(String),
+    /// The appliance failed (database, audit log, loading the stored
+    /// bundle); not the caller's or the plugin's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// No instance became free in time.
     #[error("plugin {0} is busy: no instance free within the wait limit")]
     Busy(String),
@@ -209,7 +224,7 @@ impl Runtime {
     /// The current version of `name`, loading (compiling) it if the cached
     /// one is missing or no longer current. Cheap when nothing changed.
     fn current(&self, name: &str) -> Result<Arc<Loaded>, CallError> {
-        let refused = |e: String| CallError::Refused(e);
+        let refused = |e: String| CallError::Internal(e);
         let mut last_err = String::new();
         // A concurrent install may replace (and clean up) the version we are
         // about to load; then the next attempt sees the newer one.
@@ -377,7 +392,7 @@ impl Runtime {
         let started = Instant::now();
         let call_id = match crate::audit::log::uuid_v4() {
             Ok(id) => id,
-            Err(e) => return Err(CallError::Refused(format!("{e:#}"))),
+            Err(e) => return Err(CallError::Internal(format!("{e:#}"))),
         };
         let mut rec = record::CallRecord {
             call_id: call_id.clone(),
@@ -400,7 +415,9 @@ impl Runtime {
         let (outcome, detail) = match &result {
             Ok(o) => ("ok", format!("{} bytes out", o.output.len())),
             Err(CallError::Quarantined { reason, .. }) => ("quarantined", reason.clone()),
-            Err(e @ CallError::Failed { .. }) => ("error", e.to_string()),
+            Err(e @ (CallError::Failed { .. } | CallError::Internal(_))) => {
+                ("error", e.to_string())
+            }
             Err(e) => ("refused", e.to_string()),
         };
         rec.outcome = outcome.to_owned();
@@ -411,13 +428,13 @@ impl Runtime {
             format!("{detail}; {}", rec.detail)
         };
         record::call(&self.env.audit, &rec).map_err(|e| {
-            CallError::Refused(format!("cannot record the call, output withheld: {e:#}"))
+            CallError::Internal(format!("cannot record the call, output withheld: {e:#}"))
         })?;
         // Queued before the call record, so already settled: any failure
         // means an access went unrecorded, and the output stays inside.
         for p in pending {
             p.wait().map_err(|e| {
-                CallError::Refused(format!(
+                CallError::Internal(format!(
                     "cannot record a data access of the call, output withheld: {e:#}"
                 ))
             })?;
@@ -474,7 +491,7 @@ impl Runtime {
         let quarantine = conns::with(&self.env.dir, Db::State, |state| {
             grants::quarantined(state, &req.plugin)
         })
-        .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+        .map_err(|e| CallError::Internal(format!("{e:#}")))?;
         if let Some(reason) = quarantine {
             return Err(CallError::Quarantined {
                 plugin: req.plugin.clone(),
@@ -484,23 +501,23 @@ impl Runtime {
         let closed = conns::with(&self.env.dir, Db::Audit, |audit| {
             crate::audit::over_budget(audit, &self.env.limits)
         })
-        .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+        .map_err(|e| CallError::Internal(format!("{e:#}")))?;
         if let Some(reason) = closed {
-            return Err(CallError::Refused(reason));
+            return Err(CallError::FailClosed(reason));
         }
         let loaded = self.current(&req.plugin)?;
         rec.version = loaded.version.clone();
         rec.digest = loaded.digest.clone();
         if !loaded.manifest.exports.contains(&req.function) {
-            return Err(CallError::Refused(format!(
-                "{} does not export {:?}",
-                req.plugin, req.function
-            )));
+            return Err(CallError::NotExported {
+                plugin: req.plugin.clone(),
+                function: req.function.clone(),
+            });
         }
         let scopes = conns::with(&self.env.dir, Db::State, |state| {
             grants::granted(state, &req.tenant, &req.plugin)
         })
-        .map_err(|e| CallError::Refused(e.to_string()))?;
+        .map_err(|e| CallError::Internal(format!("{e:#}")))?;
         let ctx = Arc::new(CallCtx {
             call_id: call_id.to_owned(),
             tenant: req.tenant.clone(),
@@ -597,7 +614,7 @@ impl Runtime {
                 )
                 .map_err(|e| {
                     self.release(loaded);
-                    CallError::Refused(format!("cannot instantiate {name}: {e:#}"))
+                    CallError::Internal(format!("cannot instantiate {name}: {e:#}"))
                 });
             }
             // At the cap: evict an idle instance of another patient, or wait.
