@@ -39,15 +39,7 @@ fn busy_box() -> TestBox {
     );
     b.ok(&["plugin", "install", example_bundle().to_str().unwrap()]);
     // An administrator's read on the command line.
-    b.ok(&[
-        "fhir",
-        "search",
-        "--tenant",
-        "clinic-a",
-        "--patient",
-        "p0002",
-        "Observation?_count=1",
-    ]);
+    b.search("clinic-a", "p0002", "Observation?_count=1");
     b
 }
 

@@ -97,15 +97,7 @@ fn golden_searches_over_the_synthetic_data_set() {
     let b = setup();
     let mut got: BTreeMap<String, Value> = BTreeMap::new();
     for (patient, q) in QUERIES {
-        let bundle = b.json(&[
-            "fhir",
-            "search",
-            "--tenant",
-            "clinic-a",
-            "--patient",
-            patient,
-            q,
-        ]);
+        let bundle = b.search("clinic-a", patient, q);
         check_meaning(patient, q, &bundle);
         let ids: Vec<&str> = bundle["entry"]
             .as_array()
@@ -141,17 +133,7 @@ fn golden_searches_over_the_synthetic_data_set() {
 #[test]
 fn total_none_gives_the_same_page_without_counting_the_history() {
     let b = setup();
-    let search = |q: &str| {
-        b.json(&[
-            "fhir",
-            "search",
-            "--tenant",
-            "clinic-a",
-            "--patient",
-            "p0001",
-            q,
-        ])
-    };
+    let search = |q: &str| b.search("clinic-a", "p0001", q);
     let q = "Observation?category=vital-signs&_sort=-date&_count=5";
     let counted = search(q);
     let quick = search(&format!("{q}&_total=none"));

@@ -240,15 +240,11 @@ fn transaction_bundle_rewrites_urn_uuid_references() {
         "Patient/0b7c9b2e-63a5-4c1f-9a0e-2a7a0d1f0001"
     );
     // In that patient's compartment:
-    let s = b.json(&[
-        "fhir",
-        "search",
-        "--tenant",
+    let s = b.search(
         "clinic-a",
-        "--patient",
         "0b7c9b2e-63a5-4c1f-9a0e-2a7a0d1f0001",
         "Condition",
-    ]);
+    );
     assert_eq!(s["total"], 1);
 }
 

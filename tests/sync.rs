@@ -215,15 +215,7 @@ fn obs(id: &str, when: &str) -> Value {
 }
 
 fn cached_ids(b: &TestBox) -> BTreeSet<String> {
-    let bundle = b.json(&[
-        "fhir",
-        "search",
-        "--tenant",
-        "clinic-a",
-        "--patient",
-        "p1",
-        "Observation?_count=100",
-    ]);
+    let bundle = b.search("clinic-a", "p1", "Observation?_count=100");
     bundle["entry"]
         .as_array()
         .map(|e| {

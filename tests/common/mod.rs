@@ -340,6 +340,19 @@ pub fn news2_box(patients: u32, grant: bool) -> TestBox {
 }
 
 impl TestBox {
+    /// `fhir search --tenant TENANT --patient PATIENT QUERY` as JSON.
+    pub fn search(&self, tenant: &str, patient: &str, query: &str) -> serde_json::Value {
+        self.json(&[
+            "fhir",
+            "search",
+            "--tenant",
+            tenant,
+            "--patient",
+            patient,
+            query,
+        ])
+    }
+
     /// Trusts the dev vendor key (update-bundles/, TEST ONLY) for `acme/`.
     pub fn trust_dev_vendor(&self) {
         let key = repo().join("update-bundles/dev-vendor.pub");
