@@ -151,6 +151,7 @@ fn update_channel_installs_and_refuses_stale_rollback_oversize_and_substitutes()
     let other = signed_bundle("other/x", "1.0.0", &[&c.vendor.key]);
     c.publish(7, &[("other-x.cbx", &other)], &c.vendor.key_path);
     let out = c.update();
+    assert!(!out.status.success());
     assert!(
         stderr(&out).contains("outside every namespace"),
         "{}",
@@ -160,10 +161,16 @@ fn update_channel_installs_and_refuses_stale_rollback_oversize_and_substitutes()
     let stranger = Vendor::new(c.b.tmp.path(), "stranger");
     c.publish(8, &[("acme-vitals-2.0.0.cbx", &v2)], &stranger.key_path);
     let out = c.update();
+    assert!(!out.status.success());
     assert!(
         stderr(&out).contains("no signature by a trusted"),
         "{}",
         stderr(&out)
+    );
+    assert_eq!(
+        c.b.installed(),
+        vec![("acme/vitals".into(), "1.0.0".into())],
+        "a refused index installed something"
     );
 
     // The honest index and bundle again: installed.

@@ -245,11 +245,17 @@ pub fn over_budget(audit: &Connection, limits: &crate::limits::Limits) -> Result
         return Ok(None);
     };
     let (records, bytes) = log::backlog_bytes(audit)?;
-    Ok((bytes as u64 > budget).then(|| {
+    Ok(budget_exceeded(limits, bytes).then(|| {
         format!(
             "fail-closed: {records} audit records ({bytes} bytes) are not yet upstream, over the disk budget of {budget} bytes; requests that return patient data are refused until the log syncs"
         )
     }))
+}
+
+/// True when `bytes` of unacknowledged record bodies exceed the disk
+/// budget (never without a budget). The one definition of fail-closed.
+pub fn budget_exceeded(limits: &crate::limits::Limits, bytes: i64) -> bool {
+    limits.audit_budget_bytes.is_some_and(|b| bytes as u64 > b)
 }
 
 /// The newest `limit` decisions, oldest first.

@@ -33,7 +33,11 @@ pub enum Cmd {
 /// Runs `sync`.
 pub fn run(ctx: &Ctx, args: Args) -> Result<()> {
     if let Some(Cmd::Status) = args.cmd {
-        let s = upload::status(&ctx.dir, ctx.config.upstream.as_ref(), &ctx.config.limits)?;
+        let s = upload::status(
+            &ctx.dir.open_audit()?,
+            ctx.config.upstream.as_ref(),
+            &ctx.config.limits,
+        )?;
         return ctx.out.emit(&s, || {
             let mut t = format!(
                 "upstream: {}\nbacklog: {} records ({} bytes){}\nacknowledged up to record {}\nlast success: {}",

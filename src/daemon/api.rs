@@ -376,6 +376,14 @@ pub fn run_call(app: &App, call: &CallRequest) -> Result<Value, Reply> {
     }
 }
 
+/// Why a FHIR read or search got no data.
+enum Refusal {
+    /// The search itself refused (not found, not granted, invalid).
+    Search(SearchError),
+    /// The audit backlog is over its budget.
+    FailClosed(String),
+}
+
 fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply {
     let env = app.rt.env();
     let grants = if who.role == Role::Admin && who.scopes.is_empty() {
@@ -401,11 +409,11 @@ fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply
     };
     // The search parser decodes each parameter itself; decoding the whole
     // query first would turn an encoded `&` or `=` into a separator.
-    let result: anyhow::Result<Result<Vec<u8>, SearchError>> = (|| {
+    let result: anyhow::Result<Result<Vec<u8>, Refusal>> = (|| {
         if let Some(reason) = conns::with(&env.dir, Db::Audit, |a| {
             crate::audit::over_budget(a, &env.limits)
         })? {
-            return Ok(Err(SearchError::Invalid(reason)));
+            return Ok(Err(Refusal::FailClosed(reason)));
         }
         conns::with(&env.dir, Db::Fhir, |conn| {
             Ok(if action == "read" {
@@ -416,7 +424,8 @@ fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply
                     .and_then(|b| {
                         serde_json::to_vec(&b).map_err(|e| SearchError::Invalid(e.to_string()))
                     })
-            })
+            }
+            .map_err(Refusal::Search))
         })
     })();
     let result = match result {
@@ -432,7 +441,8 @@ fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply
     };
     let (ok, detail) = match &result {
         Ok(_) => (true, "ok".to_owned()),
-        Err(e) => (false, e.to_string()),
+        Err(Refusal::Search(e)) => (false, e.to_string()),
+        Err(Refusal::FailClosed(reason)) => (false, reason.clone()),
     };
     let record = json!({
         "action": action,
@@ -455,21 +465,19 @@ fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply
     }
     match result {
         Ok(body) => Reply::fhir(200, body),
-        Err(SearchError::NotFound(r)) => {
+        Err(Refusal::FailClosed(reason)) => Reply::error(503, "transient", &reason),
+        Err(Refusal::Search(SearchError::NotFound(r))) => {
             Reply::error(404, "not-found", &format!("{r}: not found or not granted"))
         }
-        Err(SearchError::NotGranted(t)) => Reply::error(
+        Err(Refusal::Search(SearchError::NotGranted(t))) => Reply::error(
             403,
             "forbidden",
             &format!("{t}: not granted to token {}", who.id),
         ),
-        Err(SearchError::Invalid(m)) if m.starts_with("fail-closed") => {
-            Reply::error(503, "transient", &m)
-        }
-        Err(e @ (SearchError::Invalid(_) | SearchError::OtherPatient { .. })) => {
+        Err(Refusal::Search(e @ (SearchError::Invalid(_) | SearchError::OtherPatient { .. }))) => {
             Reply::error(400, "invalid", &e.to_string())
         }
-        Err(SearchError::Db(e)) => {
+        Err(Refusal::Search(SearchError::Db(e))) => {
             log::error!("api: fhir {action}: {e}");
             Reply::error(
                 500,
@@ -484,25 +492,21 @@ fn metrics(app: &App) -> Reply {
     let env = app.rt.env();
     let mut gauges: Vec<(&str, &str, f64)> = vec![];
     let durable = (|| -> anyhow::Result<()> {
-        let (records, bytes) = conns::with(&env.dir, Db::Audit, crate::audit::log::backlog_bytes)?;
+        let s = sync_status(app)?;
         gauges.push((
             "clinicbox_audit_backlog_records",
             "Audit records not yet acknowledged upstream.",
-            records as f64,
+            s.backlog_records as f64,
         ));
         gauges.push((
             "clinicbox_audit_backlog_bytes",
             "Body bytes of the audit backlog.",
-            bytes as f64,
+            s.backlog_bytes as f64,
         ));
-        let fail_closed = env
-            .limits
-            .audit_budget_bytes
-            .is_some_and(|b| bytes as u64 > b);
         gauges.push((
             "clinicbox_audit_fail_closed",
             "1 while PHI requests are refused for the backlog.",
-            f64::from(u8::from(fail_closed)),
+            f64::from(u8::from(s.fail_closed)),
         ));
         let (installed, quarantined): (i64, i64) = conns::with(&env.dir, Db::State, |s| {
             Ok(s.query_row(
@@ -521,14 +525,8 @@ fn metrics(app: &App) -> Reply {
             "Quarantined plugins.",
             quarantined as f64,
         ));
-        let last: Option<String> = conns::with(&env.dir, Db::Audit, |a| {
-            Ok(a.query_row(
-                "SELECT last_success FROM sync_state WHERE id = 1",
-                [],
-                |r| r.get(0),
-            )?)
-        })?;
-        let ts = last
+        let ts = s
+            .last_success
             .and_then(|t| crate::bundle::manifest::parse_time(&t).ok())
             .map_or(0.0, |t| t.unix_timestamp() as f64);
         gauges.push((
@@ -542,10 +540,21 @@ fn metrics(app: &App) -> Reply {
         log::error!("api: metrics: {e:#}");
     }
     gauges.push(("clinicbox_up", "1 while the daemon serves.", 1.0));
-    let mut r = Reply::json(200, &Value::Null);
-    r.content_type = "text/plain; version=0.0.4";
-    r.body = app.metrics.render(&gauges).into_bytes();
-    r
+    Reply {
+        status: 200,
+        content_type: "text/plain; version=0.0.4",
+        headers: vec![],
+        body: app.metrics.render(&gauges).into_bytes(),
+    }
+}
+
+/// The audit backlog and sync state, on this thread's audit.db connection.
+fn sync_status(app: &App) -> anyhow::Result<crate::sync::upload::Status> {
+    let env = app.rt.env();
+    let up = app.config().upstream;
+    conns::with(&env.dir, Db::Audit, |a| {
+        crate::sync::upload::status(a, up.as_ref(), &env.limits)
+    })
 }
 
 fn status(app: &App) -> Reply {
@@ -560,7 +569,7 @@ fn status(app: &App) -> Reply {
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     });
-    let sync = crate::sync::upload::status(&env.dir, config.upstream.as_ref(), &env.limits);
+    let sync = sync_status(app);
     let body = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": app.started.elapsed().as_secs(),

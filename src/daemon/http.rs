@@ -175,7 +175,7 @@ async fn serve_one(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> (&'static str, Reply) {
-    let limits = app.rt.env().limits.clone();
+    let limits = &app.rt.env().limits;
     let n = app.metrics.inflight.fetch_add(1, Ordering::Relaxed) + 1;
     let _inflight = InflightGuard(app.clone());
     let (parts, body) = req.into_parts();
@@ -201,7 +201,7 @@ async fn serve_one(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limits.max_request_body_bytes as u64) {
-        return ("body", too_large(&limits));
+        return ("body", too_large(limits));
     }
     let read = Limited::new(body, limits.max_request_body_bytes).collect();
     let timeout = async {
@@ -227,7 +227,7 @@ async fn serve_one(
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
-                return ("body", too_large(&limits));
+                return ("body", too_large(limits));
             }
             return (
                 "body",

@@ -39,10 +39,8 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     };
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let stored = conns::with(&env.dir, Db::Fhir, |conn| {
-        // A 201 means on disk: this commit is fsynced (the cache's own
-        // refreshes from upstream use NORMAL; device readings exist nowhere
-        // else).
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // A 201 means on disk: this thread's fhir.db connection commits
+        // with synchronous=FULL (runtime::conns).
         let tx =
             rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
         let tid = fhir::tenant_id(&tx, &who.tenant, true)?

@@ -95,9 +95,6 @@ impl Stop {
             .unwrap_or_else(|p| p.into_inner());
         *g
     }
-    fn is_set(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// How the daemon re-reads its config on SIGHUP.
@@ -387,7 +384,7 @@ fn update_loop(app: &App) {
                 up.interval
             }
         };
-        if app.stop.is_set() || app.stop.sleep(wait) {
+        if app.stop.sleep(wait) {
             return;
         }
     }

@@ -318,10 +318,9 @@ pub struct Status {
     pub failed_attempts: i64,
 }
 
-/// The sync status of `dir`.
-pub fn status(dir: &DataDir, up: Option<&Upstream>, limits: &Limits) -> anyhow::Result<Status> {
-    let conn = dir.open_audit()?;
-    let (records, bytes) = log::backlog_bytes(&conn)?;
+/// The sync status recorded in `conn` (an open `audit.db`).
+pub fn status(conn: &Connection, up: Option<&Upstream>, limits: &Limits) -> anyhow::Result<Status> {
+    let (records, bytes) = log::backlog_bytes(conn)?;
     let (acked, last_success, last_error, last_error_time, attempts) = conn.query_row(
         "SELECT acked_seq, last_success, last_error, last_error_time, attempts FROM sync_state WHERE id = 1",
         [],
@@ -332,7 +331,7 @@ pub fn status(dir: &DataDir, up: Option<&Upstream>, limits: &Limits) -> anyhow::
         backlog_records: records,
         backlog_bytes: bytes,
         budget_bytes: limits.audit_budget_bytes,
-        fail_closed: limits.audit_budget_bytes.is_some_and(|b| bytes as u64 > b),
+        fail_closed: crate::audit::budget_exceeded(limits, bytes),
         acked_seq: acked,
         last_success,
         last_error,
