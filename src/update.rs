@@ -331,19 +331,15 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
             }
             r => r?,
         };
-        let policy = TrustPolicy::load(&state).map_err(|e| UpdateError::BadIndex {
+        let local = |e: anyhow::Error| UpdateError::BadIndex {
             url: index_url.clone(),
             reason: format!("{e:#}"),
-        })?;
-        let now =
-            crate::clock::trusted_now(&dir.open_audit().map_err(|e| UpdateError::BadIndex {
-                url: index_url.clone(),
-                reason: format!("{e:#}"),
-            })?)
-            .map_err(|e| UpdateError::BadIndex {
-                url: index_url.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        };
+        let policy = TrustPolicy::load(&state).map_err(local)?;
+        let now = dir
+            .open_audit()
+            .and_then(|a| crate::clock::trusted_now(&a))
+            .map_err(local)?;
         let last: Option<(u64, String)> = state
             .query_row(
                 "SELECT version, digest FROM update_channel WHERE url = ?1",

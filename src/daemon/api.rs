@@ -551,9 +551,9 @@ fn metrics(app: &App) -> Reply {
 /// The audit backlog and sync state, on this thread's audit.db connection.
 fn sync_status(app: &App) -> anyhow::Result<crate::sync::upload::Status> {
     let env = app.rt.env();
-    let up = app.config().upstream;
+    let config = app.config();
     conns::with(&env.dir, Db::Audit, |a| {
-        crate::sync::upload::status(a, up.as_ref(), &env.limits)
+        crate::sync::upload::status(a, config.upstream.as_ref(), &env.limits)
     })
 }
 

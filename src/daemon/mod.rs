@@ -48,7 +48,7 @@ use crate::sync::backoff::Backoff;
 pub struct App {
     /// The plugin runtime (and through it the data dir, limits, audit log).
     pub rt: Runtime,
-    config: RwLock<Config>,
+    config: RwLock<Arc<Config>>,
     /// Counters for `/metrics`.
     pub metrics: metrics::Metrics,
     /// Set once plugins are loaded.
@@ -66,7 +66,7 @@ pub struct App {
 
 impl App {
     /// The current config (reloaded on SIGHUP).
-    pub fn config(&self) -> Config {
+    pub fn config(&self) -> Arc<Config> {
         self.config
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -137,7 +137,7 @@ pub fn run(
     };
     let app = Arc::new(App {
         rt,
-        config: RwLock::new(config),
+        config: RwLock::new(Arc::new(config)),
         metrics: metrics::Metrics::default(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
@@ -305,7 +305,7 @@ fn reload_config(app: &App, reload: &Reload) {
             } else {
                 log::info!("config reloaded");
             }
-            *app.config.write().unwrap_or_else(|p| p.into_inner()) = new;
+            *app.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
             note(app, "daemon", json!({"action": "reload", "outcome": "ok"}));
         }
         Err(e) => {
@@ -339,7 +339,7 @@ fn inbox_loop(app: &App) {
 }
 
 fn sync_loop(app: &App) {
-    let mut backoff: Option<Backoff> = None;
+    let mut backoff: Option<((Duration, Duration), Backoff)> = None;
     loop {
         let config = app.config();
         let Some(up) = config.upstream.clone() else {
@@ -349,7 +349,19 @@ fn sync_loop(app: &App) {
             }
             continue;
         };
-        let b = backoff.get_or_insert_with(|| Backoff::new(up.backoff, up.backoff_max));
+        // A reload may change the backoff settings: start a fresh one then.
+        if backoff
+            .as_ref()
+            .is_none_or(|(settings, _)| *settings != (up.backoff, up.backoff_max))
+        {
+            backoff = Some((
+                (up.backoff, up.backoff_max),
+                Backoff::new(up.backoff, up.backoff_max),
+            ));
+        }
+        let Some((_, b)) = backoff.as_mut() else {
+            continue;
+        };
         let wait = match crate::sync::pass(&app.rt.env().dir, &config) {
             Ok(r) => {
                 app.metrics.sync_successes.fetch_add(1, Ordering::Relaxed);
