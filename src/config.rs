@@ -314,46 +314,6 @@ impl Config {
         let mut limits = Limits::default();
         if let Some(l) = raw.limits {
             const MIB: u64 = 1024 * 1024;
-            if let Some(v) = l.max_bundle_mib {
-                let max = Limits::CEILING_BUNDLE_BYTES / MIB;
-                if v == 0 || v > max {
-                    return Err(field(
-                        "limits.max_bundle_mib",
-                        format!("{v} is outside 1..={max}"),
-                    ));
-                }
-                limits.max_bundle_bytes = v * MIB;
-            }
-            if let Some(v) = l.max_wasm_mib {
-                let max = Limits::CEILING_WASM_BYTES / MIB;
-                if v == 0 || v > max {
-                    return Err(field(
-                        "limits.max_wasm_mib",
-                        format!("{v} is outside 1..={max}"),
-                    ));
-                }
-                limits.max_wasm_bytes = v * MIB;
-            }
-            if let Some(v) = l.max_plugin_memory_mib {
-                let max = Limits::default().max_plugin_memory_mib;
-                if v == 0 || v > max {
-                    return Err(field(
-                        "limits.max_plugin_memory_mib",
-                        format!("{v} is outside 1..={max}"),
-                    ));
-                }
-                limits.max_plugin_memory_mib = v;
-            }
-            if let Some(v) = l.max_plugin_timeout_ms {
-                let max = Limits::default().max_plugin_timeout_ms;
-                if v == 0 || v > max {
-                    return Err(field(
-                        "limits.max_plugin_timeout_ms",
-                        format!("{v} is outside 1..={max}"),
-                    ));
-                }
-                limits.max_plugin_timeout_ms = v;
-            }
             let bounded = |v: u64, lo: u64, hi: u64, f: &'static str| {
                 if (lo..=hi).contains(&v) {
                     Ok(v)
@@ -361,6 +321,26 @@ impl Config {
                     Err(field(f, format!("{v} is outside {lo}..={hi}")))
                 }
             };
+            // The bundle caps may only be lowered, never raised.
+            let ceiling = Limits::default();
+            if let Some(v) = l.max_bundle_mib {
+                let max = Limits::CEILING_BUNDLE_BYTES / MIB;
+                limits.max_bundle_bytes = bounded(v, 1, max, "limits.max_bundle_mib")? * MIB;
+            }
+            if let Some(v) = l.max_wasm_mib {
+                let max = Limits::CEILING_WASM_BYTES / MIB;
+                limits.max_wasm_bytes = bounded(v, 1, max, "limits.max_wasm_mib")? * MIB;
+            }
+            if let Some(v) = l.max_plugin_memory_mib {
+                let max = u64::from(ceiling.max_plugin_memory_mib);
+                limits.max_plugin_memory_mib =
+                    bounded(u64::from(v), 1, max, "limits.max_plugin_memory_mib")? as u32;
+            }
+            if let Some(v) = l.max_plugin_timeout_ms {
+                let max = u64::from(ceiling.max_plugin_timeout_ms);
+                limits.max_plugin_timeout_ms =
+                    bounded(u64::from(v), 1, max, "limits.max_plugin_timeout_ms")? as u32;
+            }
             if let Some(v) = l.max_request_body_kib {
                 limits.max_request_body_bytes =
                     bounded(v, 1, 64 * 1024, "limits.max_request_body_kib")? as usize * 1024;
