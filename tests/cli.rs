@@ -331,7 +331,7 @@ fn demo_runs_the_whole_walkthrough_and_is_idempotent() {
         assert_eq!(list[0]["name"], "acme/allergy-check");
         assert_eq!(list[0]["version"], "0.1.0");
         assert_eq!(list[1]["name"], "acme/news2");
-        assert_eq!(list[1]["version"], "0.3.0");
+        assert_eq!(list[1]["version"], "0.4.0");
         assert_eq!(v["risk_assessment"]["resourceType"], "RiskAssessment");
         assert_eq!(
             v["risk_assessment"]["subject"]["reference"],

@@ -154,3 +154,148 @@ fn total_none_gives_the_same_page_without_counting_the_history() {
     assert!(!out.status.success());
     assert!(common::stderr(&out).contains("_total=some is not one of none, estimate, accurate"));
 }
+
+/// Every vital sign of `patient`, newest first (all pages).
+fn all_vitals(b: &TestBox, patient: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let page = b.search(
+            "clinic-a",
+            patient,
+            &format!(
+                "Observation?category=vital-signs&_sort=-date&_count=500&_offset={}",
+                out.len()
+            ),
+        );
+        let entries = page["entry"].as_array().cloned().unwrap_or_default();
+        if entries.is_empty() {
+            return out;
+        }
+        out.extend(entries.into_iter().map(|e| e["resource"].clone()));
+    }
+}
+
+/// `$lastn` as the spec defines it, computed the slow way: for every
+/// `system|code` of `Observation.code`, the first `max` of the newest-first
+/// list; each once, in list order.
+fn lastn_by_hand(all: &[Value], max: usize) -> Vec<String> {
+    let mut taken: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut ids = Vec::new();
+    for o in all {
+        let mut keep = false;
+        for c in o["code"]["coding"].as_array().into_iter().flatten() {
+            let key = (
+                c["system"].as_str().unwrap_or("").to_owned(),
+                c["code"].as_str().unwrap_or("").to_owned(),
+            );
+            let n = taken.entry(key).or_default();
+            if *n < max {
+                *n += 1;
+                keep = true;
+            }
+        }
+        if keep {
+            ids.push(o["id"].as_str().unwrap().to_owned());
+        }
+    }
+    ids
+}
+
+#[test]
+fn lastn_is_the_newest_of_each_code_whatever_the_history() {
+    let b = setup();
+    let ids = |bundle: &Value| -> Vec<String> {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for patient in ["p0001", "p0003"] {
+        let all = all_vitals(&b, patient);
+        assert!(all.len() > 50, "{patient}: a history ({})", all.len());
+        for max in [1, 3] {
+            let got = b.search(
+                "clinic-a",
+                patient,
+                &format!("Observation/$lastn?category=vital-signs&max={max}"),
+            );
+            let want = lastn_by_hand(&all, max);
+            assert!(want.len() >= 5 * max, "{patient}: several codes");
+            assert_eq!(ids(&got), want, "{patient} max={max}");
+            assert_eq!(got.get("total"), None);
+            assert_eq!(got["type"], "searchset");
+        }
+    }
+    // The filters narrow the candidates before "newest" is taken.
+    let hr = b.search(
+        "clinic-a",
+        "p0001",
+        "Observation/$lastn?category=vital-signs&code=http://loinc.org|8867-4&max=2",
+    );
+    let all_hr: Vec<Value> = all_vitals(&b, "p0001")
+        .into_iter()
+        .filter(|o| o["code"]["coding"][0]["code"] == "8867-4")
+        .collect();
+    assert_eq!(ids(&hr), lastn_by_hand(&all_hr, 2));
+    assert_eq!(ids(&hr).len(), 2);
+    // Nothing of another tenant's or patient's data, and bad requests are
+    // named.
+    let none = b.search(
+        "clinic-c",
+        "p0001",
+        "Observation/$lastn?category=vital-signs",
+    );
+    assert_eq!(none["entry"], json!([]));
+    for (q, want) in [
+        (
+            "Observation/$lastn?code=x",
+            "a category parameter is required",
+        ),
+        (
+            "Observation/$lastn?category=vital-signs&_sort=-date",
+            "$lastn: _sort is not supported",
+        ),
+        (
+            "Observation/$lastn?category=vital-signs&max=0",
+            "max \"0\" is not a positive integer",
+        ),
+        (
+            "Condition/$lastn?category=x",
+            "the only operation supported is Observation/$lastn",
+        ),
+        (
+            "Observation/$lastn?category=vital-signs&patient=p0002",
+            "names a patient other than the one in context",
+        ),
+    ] {
+        let out = b.run(&[
+            "fhir",
+            "search",
+            "--tenant",
+            "clinic-a",
+            "--patient",
+            "p0001",
+            q,
+        ]);
+        assert!(!out.status.success(), "{q}");
+        assert!(
+            common::stderr(&out).contains(want),
+            "{q}: {}",
+            common::stderr(&out)
+        );
+    }
+    let out = b.run(&[
+        "fhir",
+        "search",
+        "--tenant",
+        "clinic-a",
+        "Observation/$lastn?category=vital-signs",
+    ]);
+    assert!(
+        common::stderr(&out).contains("a patient or subject parameter is required"),
+        "{}",
+        common::stderr(&out)
+    );
+}

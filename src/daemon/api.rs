@@ -397,6 +397,10 @@ fn fhir(app: &App, who: &Principal, segs: &[&str], query: Option<&str>) -> Reply
         grants,
     };
     let (action, text) = match segs {
+        [_, "Observation", "$lastn"] => (
+            "search",
+            format!("Observation/$lastn?{}", query.unwrap_or_default()),
+        ),
         [_, ty, id] => ("read", format!("{ty}/{id}")),
         [_, ty] => (
             "search",

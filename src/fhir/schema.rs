@@ -13,6 +13,8 @@
 //! - `idx_date`: (tenant, patient, type, param, high, low, rid), so "since
 //!   date X" is a range scan on `high`.
 //! - `idx_ref`: reference targets used by `_include`.
+//! - `idx_token_lastn`: a partial index of the Observation `code` rows by
+//!   (tenant, patient, code, system, sort key), for `Observation/$lastn`.
 //!
 //! Invariant: index rows exist only for live (non-deleted) resources and
 //! always match the stored JSON; they are rewritten in the same
@@ -77,5 +79,13 @@ pub const MIGRATIONS: &[&str] = &[
         target   TEXT NOT NULL,                  -- 'Type/id'
         PRIMARY KEY (rid, param, target)
     ) STRICT, WITHOUT ROWID;
+    ",
+    // 2: `Observation/$lastn`: each patient's Observation.code groups
+    // (`system`, `code`) in order, and each group's rows newest first, so
+    // the newest few of every code are one index seek per group however
+    // long the history. Partial: Observation (type 2) `code` (param 1) rows.
+    "
+    CREATE INDEX idx_token_lastn ON idx_token(tid, patient, code, system, sort_ms, rid)
+        WHERE type = 2 AND param = 1;
     ",
 ];

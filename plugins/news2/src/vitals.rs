@@ -31,11 +31,14 @@ use serde::Deserialize;
 
 use crate::score::{Consciousness, Spo2Scale, Vitals};
 
-/// The FHIR search `news2_latest` runs through the host's `fhir_search`.
-/// `_total=none`: the newest 100 are all it reads, so the host need not
-/// count a bedside monitor's whole history on every call.
+/// The FHIR query `news2_latest` runs through the host's `fhir_search`:
+/// the Last N operation, i.e. the newest eligible observation of each code,
+/// newest first. However long the history and however fast one device
+/// sends one vital sign, every parameter's newest reading is in the answer
+/// (a search of the newest N rows could be all pulse readings), and the
+/// answer stays a few observations long.
 pub const SEARCH_QUERY: &str =
-    "Observation?category=vital-signs&_sort=-date&_count=100&_total=none";
+    "Observation/$lastn?category=vital-signs&status=final,amended,corrected,preliminary&max=1";
 
 /// The LOINC code system URI.
 pub const LOINC_SYSTEM: &str = "http://loinc.org";

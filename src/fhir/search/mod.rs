@@ -6,7 +6,9 @@
 //! and cap in `Limits`), `_offset` (paging), `_sort` (`date`, `-date`,
 //! `_lastUpdated`, `-_lastUpdated`), the token and date parameters listed
 //! per type in [`super::params`], `patient`/`subject`, and
-//! `_include=MedicationRequest:medication`. Anything else — a parameter,
+//! `_include=MedicationRequest:medication`; and the operation
+//! `Observation/$lastn` (`max`, a required `category`, and the other
+//! Observation parameters as filters). Anything else — a parameter,
 //! modifier or prefix — is an error naming it.
 //!
 //! Invariants:
@@ -20,7 +22,7 @@
 mod query;
 mod sql;
 
-use rusqlite::{Connection, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -142,6 +144,11 @@ pub fn search(
     else {
         return Ok(empty_bundle(q));
     };
+    if let Some(max) = q.lastn {
+        let patient =
+            patient.ok_or_else(|| invalid("$lastn: a patient or subject parameter is required"))?;
+        return lastn(conn, q, tid, patient, &scope, max);
+    }
     // One pass yields both `total` and the page: the ordered match stream
     // is counted to its end, and only the page's rids are kept.
     let mut sql = build_where(q, tid, patient, &scope);
@@ -201,11 +208,72 @@ pub fn search(
     })
 }
 
+/// `Observation/$lastn`: for each code group (`system`, `code`) of the
+/// patient's Observations, the newest `max` that match every filter and
+/// scope; all of them, each once, newest first (by the `date` sort key),
+/// without `total` or paging.
+///
+/// The groups are found by a loose index scan (one seek per group, not a
+/// pass over the history), and each group is one backward range scan that
+/// stops at `max`: the cost follows the number of codes, not of rows.
+fn lastn(
+    conn: &Connection,
+    q: &Query,
+    tid: i64,
+    patient: &str,
+    scope: &Option<sql::ScopeFilter>,
+    max: usize,
+) -> Result<Bundle, SearchError> {
+    let mut next_group = conn.prepare_cached(&format!(
+        "SELECT d.system, d.code FROM idx_token d WHERE {} AND d.tid = ?1 AND d.patient = ?2 \
+         AND (d.code, d.system) > (?3, ?4) ORDER BY d.code, d.system LIMIT 1",
+        sql::LASTN_ROWS
+    ))?;
+    let mut found: Vec<(i64, i64)> = Vec::new();
+    let (mut system, mut code) = (String::new(), String::new());
+    loop {
+        let group: Option<(String, String)> = next_group
+            .query_row(rusqlite::params![tid, patient, code, system], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some(g) = group else { break };
+        (system, code) = g;
+        let sql = sql::build_lastn_group(q, tid, patient, scope, (&system, &code), max);
+        let mut stmt = conn.prepare_cached(&sql.text)?;
+        let rows = stmt.query_map(params_from_iter(sql.args.iter()), |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(0)?))
+        })?;
+        for row in rows {
+            found.push(row?);
+        }
+    }
+    // An Observation with several codings is in several groups: once here.
+    found.sort_unstable_by(|a, b| b.cmp(a));
+    found.dedup();
+    let mut entries = Vec::with_capacity(found.len());
+    let mut stmt = conn.prepare_cached("SELECT id, json FROM resources WHERE rid = ?1")?;
+    for (_, rid) in &found {
+        let (id, json): (String, String) = stmt.query_row([rid], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        entries.push(entry("Observation", &id, json, "match")?);
+    }
+    Ok(Bundle {
+        resource_type: "Bundle",
+        kind: "searchset",
+        total: None,
+        link: vec![Link {
+            relation: "self",
+            url: q.raw.clone(),
+        }],
+        entry: entries,
+    })
+}
+
 fn empty_bundle(q: &Query) -> Bundle {
     Bundle {
         resource_type: "Bundle",
         kind: "searchset",
-        total: (!q.no_total).then_some(0),
+        total: (!q.no_total && q.lastn.is_none()).then_some(0),
         link: vec![Link {
             relation: "self",
             url: q.raw.clone(),

@@ -62,9 +62,12 @@ pub struct Query {
     /// and the search stops after the page), for callers that only want the
     /// newest few of a long history.
     pub(super) no_total: bool,
+    /// `Observation/$lastn`: the newest `max` matches of each code
+    /// (`system|code` of `Observation.code`), instead of one sorted page.
+    pub(super) lastn: Option<usize>,
 }
 
-/// Parses `Type?name=value&…`.
+/// Parses `Type?name=value&…`, or `Observation/$lastn?name=value&…`.
 pub fn parse(q: &str, limits: &Limits) -> Result<Query, SearchError> {
     if q.len() > limits.search_max_query_bytes {
         return Err(invalid(format!(
@@ -72,7 +75,16 @@ pub fn parse(q: &str, limits: &Limits) -> Result<Query, SearchError> {
             limits.search_max_query_bytes
         )));
     }
-    let (ty, rest) = q.split_once('?').unwrap_or((q, ""));
+    let (path, rest) = q.split_once('?').unwrap_or((q, ""));
+    let (ty, lastn) = match path.split_once('/') {
+        Some(("Observation", "$lastn")) => ("Observation", true),
+        Some((t, op)) => {
+            return Err(invalid(format!(
+                "{t}/{op}: the only operation supported is Observation/$lastn"
+            )));
+        }
+        None => (path, false),
+    };
     let def = p::type_def(ty).ok_or_else(|| {
         if crate::scopes::is_type_name(ty) {
             invalid(format!(
@@ -92,6 +104,7 @@ pub fn parse(q: &str, limits: &Limits) -> Result<Query, SearchError> {
         patient_param: None,
         raw: q.to_owned(),
         no_total: false,
+        lastn: lastn.then_some(1),
     };
     for pair in rest.split('&').filter(|s| !s.is_empty()) {
         let (name_raw, value_raw) = pair
@@ -109,7 +122,19 @@ pub fn parse(q: &str, limits: &Limits) -> Result<Query, SearchError> {
         if let Some(m) = modifier {
             return Err(invalid(format!("modifier :{m} on {base} is not supported")));
         }
-        query.add(&base, &value, limits)?;
+        if query.lastn.is_some() {
+            query.add_lastn(&base, &value, limits)?;
+        } else {
+            query.add(&base, &value, limits)?;
+        }
+    }
+    if query.lastn.is_some() {
+        let has_category = query.filters.iter().any(
+            |f| matches!(f, Filter::Token { param, .. } if Some(*param) == def.param("category").map(|p| p.code)),
+        );
+        if !has_category {
+            return Err(invalid("$lastn: a category parameter is required"));
+        }
     }
     Ok(query)
 }
@@ -152,6 +177,24 @@ fn parse_token(v: &str) -> Result<TokenQ, String> {
 }
 
 impl Query {
+    /// A `$lastn` parameter: `max`, or an ordinary filter; the paging and
+    /// result-shaping parameters do not apply to it.
+    fn add_lastn(&mut self, name: &str, value: &str, limits: &Limits) -> Result<(), SearchError> {
+        match name {
+            "max" => {
+                let n: usize = value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    invalid(format!("$lastn: max {value:?} is not a positive integer"))
+                })?;
+                self.lastn = Some(n.min(limits.search_max_count));
+                Ok(())
+            }
+            "_count" | "_offset" | "_sort" | "_include" | "_total" => Err(invalid(format!(
+                "$lastn: {name} is not supported (use max; results are newest first)"
+            ))),
+            _ => self.add(name, value, limits),
+        }
+    }
+
     fn add(&mut self, name: &str, value: &str, limits: &Limits) -> Result<(), SearchError> {
         match name {
             "_count" => {

@@ -171,19 +171,7 @@ pub(super) fn build_where(
     scope: &Option<ScopeFilter>,
 ) -> Sql2 {
     let def = q.def;
-    // AND-ed token filters: the query's, plus a lone scope's.
-    let mut tokens: Vec<(i64, Vec<TokenQ>)> = q
-        .filters
-        .iter()
-        .filter_map(|f| match f {
-            Filter::Token { param, alts } => Some((*param, alts.clone())),
-            _ => None,
-        })
-        .collect();
-    let lone_scope = matches!(scope, Some(ors) if ors.len() == 1);
-    if let (true, Some(ors)) = (lone_scope, scope) {
-        tokens.extend(ors[0].iter().map(|(p, t)| (*p, vec![t.clone()])));
-    }
+    let (tokens, lone_scope) = and_tokens(q, scope);
     let date_driver = q.filters.iter().find_map(|f| match f {
         Filter::Date {
             param,
@@ -229,11 +217,45 @@ pub(super) fn build_where(
         }
         Driver::Compartment => {}
     }
+    push_filters(&mut sql, q, tid, &tokens, skip_token, scope, lone_scope);
+    sql
+}
+
+/// The AND-ed query and scope tokens: the query's token filters, plus the
+/// conditions of a lone scope (several scopes are OR-ed by `scope_cond`).
+fn and_tokens(q: &Query, scope: &Option<ScopeFilter>) -> (Vec<(i64, Vec<TokenQ>)>, bool) {
+    let mut tokens: Vec<(i64, Vec<TokenQ>)> = q
+        .filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::Token { param, alts } => Some((*param, alts.clone())),
+            _ => None,
+        })
+        .collect();
+    let lone_scope = matches!(scope, Some(ors) if ors.len() == 1);
+    if let (true, Some(ors)) = (lone_scope, scope) {
+        tokens.extend(ors[0].iter().map(|(p, t)| (*p, vec![t.clone()])));
+    }
+    (tokens, lone_scope)
+}
+
+/// Appends every condition on the driving row `d` but the driver's own:
+/// the tokens (but `skip`), dates, ids, `_lastUpdated`, and the OR-ed scopes.
+fn push_filters(
+    sql: &mut Sql2,
+    q: &Query,
+    tid: i64,
+    tokens: &[(i64, Vec<TokenQ>)],
+    skip: Option<usize>,
+    scope: &Option<ScopeFilter>,
+    lone_scope: bool,
+) {
+    let def = q.def;
     for (i, (param, alts)) in tokens.iter().enumerate() {
-        if skip_token == Some(i) {
+        if skip == Some(i) {
             continue;
         }
-        exists_token(&mut sql, *param, alts);
+        exists_token(sql, *param, alts);
     }
     for f in &q.filters {
         match f {
@@ -248,7 +270,7 @@ pub(super) fn build_where(
                 );
                 sql.arg(*param);
                 sql.push(" AND ");
-                date_cond(&mut sql, "x.low", "x.high", *prefix, *range);
+                date_cond(sql, "x.low", "x.high", *prefix, *range);
                 sql.push(")");
             }
             Filter::Id(ids) => {
@@ -267,20 +289,46 @@ pub(super) fn build_where(
             }
             Filter::LastUpdated { prefix, range } => {
                 sql.push(" AND EXISTS (SELECT 1 FROM resources r WHERE r.rid = d.rid AND ");
-                date_cond(
-                    &mut sql,
-                    "r.last_updated",
-                    "r.last_updated",
-                    *prefix,
-                    *range,
-                );
+                date_cond(sql, "r.last_updated", "r.last_updated", *prefix, *range);
                 sql.push(")");
             }
         }
     }
     if let (false, Some(ors)) = (lone_scope, scope) {
-        scope_cond(&mut sql, ors);
+        scope_cond(sql, ors);
     }
+}
+
+/// `Observation.code` rows, read through the partial index
+/// `idx_token_lastn` (schema migration 2): the literals must match its
+/// `WHERE` for SQLite to use it.
+pub(super) const LASTN_ROWS: &str = "d.type = 2 AND d.param = 1";
+
+/// `$lastn` for one code group (`system`, `code`): the newest `max` rows
+/// of that code in the patient's compartment that pass every filter and
+/// scope, newest first. An index range scan backwards that stops at `max`.
+pub(super) fn build_lastn_group(
+    q: &Query,
+    tid: i64,
+    patient: &str,
+    scope: &Option<ScopeFilter>,
+    (system, code): (&str, &str),
+    max: usize,
+) -> Sql2 {
+    let (tokens, lone_scope) = and_tokens(q, scope);
+    let mut sql = Sql2::default();
+    sql.push(&format!(
+        "SELECT d.rid, d.sort_ms FROM idx_token d WHERE {LASTN_ROWS} AND d.tid = "
+    ));
+    sql.arg(tid);
+    sql.push(" AND d.patient = ");
+    sql.arg(patient.to_owned());
+    sql.push(" AND d.code = ");
+    sql.arg(code.to_owned());
+    sql.push(" AND d.system = ");
+    sql.arg(system.to_owned());
+    push_filters(&mut sql, q, tid, &tokens, None, scope, lone_scope);
+    sql.push(&format!(" ORDER BY d.sort_ms DESC, d.rid DESC LIMIT {max}"));
     sql
 }
 
