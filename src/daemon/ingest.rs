@@ -5,9 +5,10 @@
 //! 1. parse and check every resource (an Observation with a
 //!    `subject` of `Patient/<id>`); one bad entry refuses the whole request
 //!    with 400/422 naming the entry and field, and nothing is stored;
-//! 2. store them in the token's tenant in one durable (fsynced)
-//!    transaction (an Observation without `id` gets a new UUID, as a FHIR
-//!    create would);
+//! 2. store them in the token's tenant, all or none, durably (fsynced),
+//!    through the group-committing writer (`fhir::writer`): concurrent
+//!    devices share one transaction and one fsync (an Observation without
+//!    `id` gets a new UUID, as a FHIR create would);
 //! 3. record `fhir.ingest` in the audit log (durable);
 //! 4. run, per patient, every plugin function whose manifest subscription
 //!    matches one of the stored resources, with input
@@ -38,26 +39,18 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         Err(msg) => return Reply::error(422, "invalid", &msg),
     };
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    let stored = conns::with(&env.dir, Db::Fhir, |conn| {
-        // A 201 means on disk: this thread's fhir.db connection commits
-        // with synchronous=FULL (runtime::conns).
-        let tx =
-            rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
-        let tid = fhir::tenant_id(&tx, &who.tenant, true)?
-            .ok_or_else(|| anyhow::anyhow!("tenant {} could not be created", who.tenant))?;
-        let mut written = Vec::with_capacity(resources.len());
-        for (_, _, res) in &resources {
-            let u = store::upsert(&tx, tid, res.clone(), now_ms as i64)?;
-            written.push(matches!(
-                u,
-                store::Upserted::Created | store::Upserted::Updated
-            ));
-        }
-        tx.commit()?;
-        Ok(written)
-    });
+    // A 201 means on disk: the writer commits with synchronous=FULL, in
+    // one transaction (one fsync) with whatever other devices sent.
+    let stored = app.fhir_writer.store(
+        &who.tenant,
+        resources.iter().map(|(_, _, r)| r.clone()).collect(),
+        now_ms as i64,
+    );
     let written = match stored {
-        Ok(w) => w,
+        Ok(w) => w
+            .into_iter()
+            .map(|u| matches!(u, store::Upserted::Created | store::Upserted::Updated))
+            .collect::<Vec<_>>(),
         Err(e) => {
             log::error!("api: ingest: {e:#}");
             return Reply::error(500, "exception", &format!("cannot store: {e:#}"));

@@ -59,6 +59,8 @@ pub struct App {
     pub started: Instant,
     /// The inbox directory.
     pub inbox: PathBuf,
+    /// Device ingest's group-committing `fhir.db` writer.
+    pub fhir_writer: crate::fhir::writer::Writer,
     stop: Stop,
     /// The threads that run handlers.
     workers: workers::Workers,
@@ -143,6 +145,7 @@ pub fn run(
         draining: AtomicBool::new(false),
         started,
         inbox,
+        fhir_writer: crate::fhir::writer::Writer::open(&dir)?,
         stop: Stop::default(),
         workers: workers::Workers::start(limits_workers)?,
     });

@@ -18,6 +18,7 @@ pub mod schema;
 pub mod search;
 pub mod store;
 pub mod synth;
+pub mod writer;
 
 use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension, params};

@@ -46,13 +46,9 @@ pub fn with<T>(dir: &DataDir, db: Db, f: impl FnOnce(&Connection) -> Result<T>) 
                 root: dir.root().to_path_buf(),
                 state: dir.open_state()?,
                 audit: dir.open_audit()?,
-                fhir: {
-                    // Writes on this path are device ingest, whose 201 means
-                    // on disk (imports and sync use their own connections).
-                    let c = crate::fhir::open(dir)?;
-                    c.pragma_update(None, "synchronous", "FULL")?;
-                    c
-                },
+                // Reads (searches, host functions): device ingest writes
+                // through fhir::writer, imports and sync on their own.
+                fhir: crate::fhir::open(dir)?,
             });
         }
         let c = slot

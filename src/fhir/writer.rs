@@ -1,0 +1,200 @@
+//! The group-committing writer of the FHIR cache, for many small
+//! concurrent writes that must each be durable before they are answered
+//! (device ingest: a bedside monitor's 201 means "on disk").
+//!
+//! One writer thread owns a `fhir.db` connection with `synchronous=FULL`.
+//! Callers hand it their resources and block; it takes everything queued,
+//! stores each caller's resources inside its own savepoint, commits once
+//! (one fsync for the whole group) and answers every caller. So 200
+//! devices sending at once cost a handful of fsyncs, not 200, and no
+//! caller sleeps in SQLite's busy handler waiting for another's commit.
+//!
+//! Invariants:
+//! - a caller's resources are stored all or none: a failing upsert rolls
+//!   back that caller's savepoint only, and that caller gets the error;
+//! - a caller is answered `Ok` only after the commit that holds its
+//!   resources returned; if the commit fails, every caller of the group
+//!   gets the error and nothing of the group is stored;
+//! - the thread ends when the last [`Writer`] clone is dropped.
+
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, TransactionBehavior};
+use serde_json::Value;
+
+use super::store::{self, Upserted};
+use crate::datadir::DataDir;
+
+/// Most callers taken into one transaction.
+const MAX_GROUP: usize = 512;
+
+struct Job {
+    tenant: String,
+    resources: Vec<Value>,
+    now_ms: i64,
+    reply: mpsc::SyncSender<Result<Vec<Upserted>, String>>,
+}
+
+/// A handle on the writer thread of one data dir's `fhir.db`.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("fhir::Writer").finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// Opens `fhir.db` of `dir` for writing and starts the writer thread.
+    pub fn open(dir: &DataDir) -> Result<Writer> {
+        let conn = super::open(dir)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .context("fhir.db: cannot set synchronous=FULL")?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("fhir-writer".into())
+            .spawn(move || run(conn, rx))
+            .context("cannot start the FHIR writer thread")?;
+        Ok(Writer { tx })
+    }
+
+    /// Stores `resources` in `tenant` (created if new) and returns, once
+    /// they are durable, what each upsert did, in order. `now_ms` is the
+    /// `lastUpdated` of resources that carry none.
+    pub fn store(&self, tenant: &str, resources: Vec<Value>, now_ms: i64) -> Result<Vec<Upserted>> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.tx
+            .send(Job {
+                tenant: tenant.to_owned(),
+                resources,
+                now_ms,
+                reply,
+            })
+            .map_err(|_| anyhow::anyhow!("the FHIR writer has stopped"))?;
+        answer
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the FHIR writer stopped before answering"))?
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// The writer thread: waits for one job, drains whatever else is queued,
+/// stores it all in one transaction, answers every caller.
+fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(more) => group.push(more),
+                Err(_) => break,
+            }
+        }
+        match store_group(&mut conn, &mut group) {
+            Ok(results) => {
+                for (job, r) in group.into_iter().zip(results) {
+                    let _ = job.reply.send(r);
+                }
+            }
+            Err(e) => {
+                let msg = format!("cannot store in the FHIR cache: {e:#}");
+                for job in group {
+                    let _ = job.reply.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for the group, one savepoint per job. The outer error
+/// is the transaction's (nothing stored); the inner ones are per job.
+fn store_group(
+    conn: &mut Connection,
+    group: &mut [Job],
+) -> Result<Vec<Result<Vec<Upserted>, String>>> {
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(group.len());
+    for job in group.iter_mut() {
+        let sp = tx.savepoint()?;
+        let stored = (|| -> Result<Vec<Upserted>> {
+            let tid = super::tenant_id(&sp, &job.tenant, true)?
+                .ok_or_else(|| anyhow::anyhow!("tenant {} could not be created", job.tenant))?;
+            let mut done = Vec::with_capacity(job.resources.len());
+            for res in std::mem::take(&mut job.resources) {
+                done.push(store::upsert(&sp, tid, res, job.now_ms)?);
+            }
+            Ok(done)
+        })();
+        match stored {
+            Ok(done) => {
+                sp.commit()?;
+                results.push(Ok(done));
+            }
+            // Dropping the savepoint rolls this job back alone.
+            Err(e) => results.push(Err(format!("{e:#}"))),
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obs(id: &str, patient: &str) -> Value {
+        json!({"resourceType": "Observation", "id": id, "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+               "subject": {"reference": format!("Patient/{patient}")},
+               "effectiveDateTime": "2026-11-26T10:00:00Z",
+               "valueQuantity": {"value": 70}})
+    }
+
+    #[test]
+    fn concurrent_callers_are_each_stored_whole_or_refused_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        dir.init().unwrap();
+        let w = Writer::open(&dir).unwrap();
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    let mut batch =
+                        vec![obs(&format!("o{i}a"), "p1"), obs(&format!("o{i}b"), "p1")];
+                    if i % 4 == 0 {
+                        // A resource the store refuses: this caller alone fails.
+                        batch.push(json!({"resourceType": "Observation", "id": "bad id"}));
+                    }
+                    (i, w.store("t1", batch, 0))
+                })
+            })
+            .collect();
+        for t in threads {
+            let (i, r) = t.join().unwrap();
+            if i % 4 == 0 {
+                assert!(r.is_err(), "caller {i}");
+            } else {
+                assert_eq!(r.unwrap(), vec![Upserted::Created, Upserted::Created]);
+            }
+        }
+        let conn = crate::fhir::open(&dir).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM resources", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            n,
+            12 * 2,
+            "the refused callers stored nothing, the rest all"
+        );
+        // A resend is unchanged, not a new version.
+        assert_eq!(
+            w.store("t1", vec![obs("o1a", "p1")], 0).unwrap(),
+            vec![Upserted::Unchanged]
+        );
+    }
+}
