@@ -203,6 +203,8 @@ pub struct RawLimits {
     pub max_inflight_requests: Option<usize>,
     /// Threads that run the local API's handlers (default: 4 per core).
     pub api_workers: Option<usize>,
+    /// Memory idle plugin instances may hold, box-wide, MiB (default 512).
+    pub idle_instances_mib: Option<u32>,
 }
 
 /// Validated configuration.
@@ -352,6 +354,10 @@ impl Config {
             if let Some(v) = l.request_body_timeout_ms {
                 limits.request_body_timeout_ms =
                     bounded(v, 100, 600_000, "limits.request_body_timeout_ms")?;
+            }
+            if let Some(v) = l.idle_instances_mib {
+                limits.idle_instances_mib =
+                    bounded(v as u64, 0, 65_536, "limits.idle_instances_mib")? as u32;
             }
             if let Some(v) = l.api_workers {
                 limits.api_workers = bounded(v as u64, 1, 1024, "limits.api_workers")? as usize;

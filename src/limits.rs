@@ -77,10 +77,15 @@ pub struct Limits {
     pub max_wasm_stack_bytes: usize,
     /// Table elements a plugin instance may hold (default 100,000).
     pub max_table_elements: usize,
-    /// Live instances per plugin (default 8): calls beyond wait.
+    /// Instances of one plugin serving calls at once (default 8): calls
+    /// beyond wait (`pool_wait_ms`).
     pub max_instances_per_plugin: usize,
-    /// Idle instances kept per plugin for reuse (default 8).
-    pub max_idle_per_plugin: usize,
+    /// Memory that idle instances may hold, box-wide, in MiB (default 512).
+    /// An instance serves one (tenant, patient); kept idle, the next call
+    /// for that patient skips instantiation (a bedside monitor calls NEWS2
+    /// for its patient ten times a second). The least recently used are
+    /// dropped first; 0 keeps none.
+    pub idle_instances_mib: u32,
     /// How long a call waits for a free instance, in ms (default 2,000).
     pub pool_wait_ms: u64,
     /// Consecutive failed calls that quarantine a plugin (default 5).
@@ -174,7 +179,7 @@ impl Default for Limits {
             max_wasm_stack_bytes: 512 * 1024,
             max_table_elements: 100_000,
             max_instances_per_plugin: 8,
-            max_idle_per_plugin: 8,
+            idle_instances_mib: 512,
             pool_wait_ms: 2_000,
             quarantine_after: 5,
             audit_checkpoint_every: 1_000,

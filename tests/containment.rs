@@ -541,3 +541,64 @@ fn a_host_function_is_linked_only_while_a_grant_allows_it() {
     let again: Value = serde_json::from_str(&call(&rt, "p1", "search", search).unwrap()).unwrap();
     assert_eq!(again["total"], 1, "{again}");
 }
+
+#[test]
+fn idle_instances_stay_warm_per_patient_within_the_memory_budget() {
+    let (b, rt) = setup();
+    // The default budget keeps 30 patients' instances: each still holds
+    // what its own patient's call stashed.
+    for i in 0..30 {
+        assert_eq!(
+            call(&rt, &format!("q{i}"), "stash", &format!("s{i}")).unwrap(),
+            ""
+        );
+    }
+    assert!(rt.idle_bytes() > 0);
+    let per = rt.idle_bytes() / 30;
+    for i in 0..30 {
+        assert_eq!(
+            call(&rt, &format!("q{i}"), "stash", "").unwrap(),
+            format!("s{i}")
+        );
+    }
+
+    // No budget: nothing is kept, every call gets a fresh instance.
+    let none = Limits {
+        idle_instances_mib: 0,
+        ..Limits::default()
+    };
+    let rt0 = Runtime::new(DataDir::new(&b.data), none).unwrap();
+    assert_eq!(call(&rt0, "p1", "stash", "x").unwrap(), "");
+    assert_eq!(
+        call(&rt0, "p1", "stash", "").unwrap(),
+        "",
+        "kept with no budget"
+    );
+    assert_eq!(rt0.idle_bytes(), 0);
+
+    // A budget for a few: the least recently used patients go first, and
+    // the idle memory never exceeds the budget.
+    let small = Limits {
+        idle_instances_mib: 8,
+        ..Limits::default()
+    };
+    let budget = 8 * 1024 * 1024;
+    let fit = budget / per;
+    assert!((2..20).contains(&fit), "{per} bytes per instance");
+    let rt8 = Runtime::new(DataDir::new(&b.data), small).unwrap();
+    for i in 0..fit + 3 {
+        assert_eq!(
+            call(&rt8, &format!("r{i}"), "stash", &format!("t{i}")).unwrap(),
+            ""
+        );
+        assert!(rt8.idle_bytes() <= budget, "over budget after r{i}");
+    }
+    for i in (3..fit + 3).rev() {
+        assert_eq!(
+            call(&rt8, &format!("r{i}"), "stash", "").unwrap(),
+            format!("t{i}"),
+            "r{i}"
+        );
+    }
+    assert_eq!(call(&rt8, "r0", "stash", "").unwrap(), "", "r0 was evicted");
+}

@@ -129,6 +129,13 @@ fn api_answers_by_token_role_and_tenant_and_records_refusals() {
         "{m}"
     );
     assert!(m.contains("clinicbox_audit_backlog_records "), "{m}");
+    // The one NEWS2 call left its patient's instance idle, and warm.
+    let idle = m
+        .lines()
+        .find_map(|l| l.strip_prefix("clinicbox_idle_instance_bytes "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(idle > 0.0, "{m}");
 
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");

@@ -543,6 +543,11 @@ fn metrics(app: &App) -> Reply {
     if let Err(e) = durable {
         log::error!("api: metrics: {e:#}");
     }
+    gauges.push((
+        "clinicbox_idle_instance_bytes",
+        "Memory held by idle plugin instances (bounded by limits.idle_instances_mib).",
+        app.rt.idle_bytes() as f64,
+    ));
     gauges.push(("clinicbox_up", "1 while the daemon serves.", 1.0));
     Reply {
         status: 200,

@@ -168,6 +168,8 @@ impl State {
 /// One memory budget for every memory in the store, and a table cap.
 struct Budget {
     left: usize,
+    /// Bytes of every memory of the store, as grown so far.
+    used: usize,
     table_elements: usize,
     hit: bool,
 }
@@ -185,6 +187,7 @@ impl ResourceLimiter for Budget {
             return Ok(false);
         }
         self.left -= grow;
+        self.used += grow;
         Ok(true)
     }
 
@@ -243,6 +246,12 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// The bytes of the instance's memories (kernel and plugin): what it
+    /// holds while it waits idle in a pool.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().budget.used
+    }
+
     /// Instantiates `module` with its kernel. `exports` are the functions
     /// callers may run (the manifest's list); `linked` are the clinicbox
     /// host functions the grants allow: any other one the module imports
@@ -257,6 +266,7 @@ impl Instance {
         let state = State {
             budget: Budget {
                 left: lim.memory_bytes,
+                used: 0,
                 table_elements: lim.table_elements,
                 hit: false,
             },

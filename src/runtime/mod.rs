@@ -18,6 +18,8 @@
 //! - an instance only ever serves one (tenant, patient): the pool keys idle
 //!   instances by it, so state a plugin keeps in globals or its heap can
 //!   never reach another patient's call (a fresh instance is made instead);
+//!   idle instances are bounded box-wide by memory
+//!   (`Limits::idle_instances_mib`), least recently used dropped first;
 //! - a trap, a limit, a host-function panic or any error discards the
 //!   instance; it is never returned to the pool;
 //! - a call runs on the version current when it started: installing or
@@ -33,7 +35,7 @@ pub mod record;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -182,10 +184,12 @@ struct Loaded {
     freed: Condvar,
 }
 
+/// A plugin version's instances: idle ones (oldest first) and a count of
+/// those out serving calls.
 #[derive(Default)]
 struct Pool {
     idle: Vec<Idle>,
-    live: usize,
+    busy: usize,
 }
 
 /// Which instances may serve a call: same tenant, same patient, and the
@@ -197,9 +201,19 @@ struct PoolKey {
     linked: Vec<&'static str>,
 }
 
+/// An idle instance, counted in the runtime's idle bytes until it is
+/// taken or dropped (evicted, or with its version on a hot swap).
 struct Idle {
     key: PoolKey,
-    instance: host::Instance,
+    instance: Option<host::Instance>,
+    bytes: usize,
+    idle_bytes: Arc<AtomicUsize>,
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.idle_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// The runtime: installed plugins by name, compiled on first use.
@@ -208,6 +222,8 @@ pub struct Runtime {
     plugins: RwLock<HashMap<String, Arc<Loaded>>>,
     /// Held while loading; holds the engine, made on first load.
     loading: Mutex<Option<host::HostEngine>>,
+    /// Memory held by idle instances of every plugin, in bytes.
+    idle_bytes: Arc<AtomicUsize>,
 }
 
 impl Runtime {
@@ -218,7 +234,14 @@ impl Runtime {
             env: Arc::new(Env { dir, limits, audit }),
             plugins: RwLock::new(HashMap::new()),
             loading: Mutex::new(None),
+            idle_bytes: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Bytes held by idle instances, box-wide (bounded by
+    /// `Limits::idle_instances_mib`).
+    pub fn idle_bytes(&self) -> usize {
+        self.idle_bytes.load(Ordering::Relaxed)
     }
 
     /// The current version of `name`, loading (compiling) it if the cached
@@ -588,7 +611,8 @@ impl Runtime {
     }
 
     /// An instance for `key`: an idle one that served the same tenant and
-    /// patient, or a new one; waits while the plugin is at its cap.
+    /// patient, or a new one; waits while the plugin has
+    /// `max_instances_per_plugin` out serving calls.
     fn checkout(
         &self,
         loaded: &Loaded,
@@ -598,31 +622,7 @@ impl Runtime {
         let limits = &self.env.limits;
         let deadline = Instant::now() + Duration::from_millis(limits.pool_wait_ms);
         let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(i) = pool.idle.iter().position(|x| &x.key == key) {
-                return Ok(pool.idle.swap_remove(i).instance);
-            }
-            if pool.live < limits.max_instances_per_plugin {
-                pool.live += 1;
-                drop(pool);
-                return host::Instance::new(
-                    &loaded.engine,
-                    &loaded.module,
-                    &loaded.manifest.exports,
-                    &key.linked,
-                    &loaded.ilimits,
-                )
-                .map_err(|e| {
-                    self.release(loaded);
-                    CallError::Internal(format!("cannot instantiate {name}: {e:#}"))
-                });
-            }
-            // At the cap: evict an idle instance of another patient, or wait.
-            if !pool.idle.is_empty() {
-                pool.idle.remove(0);
-                pool.live -= 1;
-                continue;
-            }
+        while pool.busy >= limits.max_instances_per_plugin {
             let now = Instant::now();
             if now >= deadline {
                 return Err(CallError::Busy(name.to_owned()));
@@ -633,21 +633,54 @@ impl Runtime {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        pool.busy += 1;
+        if let Some(i) = pool.idle.iter().rposition(|x| &x.key == key)
+            && let Some(instance) = pool.idle.remove(i).instance.take()
+        {
+            return Ok(instance);
+        }
+        drop(pool);
+        host::Instance::new(
+            &loaded.engine,
+            &loaded.module,
+            &loaded.manifest.exports,
+            &key.linked,
+            &loaded.ilimits,
+        )
+        .map_err(|e| {
+            self.release(loaded);
+            CallError::Internal(format!("cannot instantiate {name}: {e:#}"))
+        })
     }
 
+    /// Returns a healthy instance to the pool, keeping it idle for its
+    /// patient if the box-wide idle memory budget
+    /// (`Limits::idle_instances_mib`) has room, after evicting this
+    /// plugin's least recently used idle instances.
     fn checkin(&self, loaded: &Loaded, key: PoolKey, instance: host::Instance) {
+        let budget = self.env.limits.idle_instances_mib as usize * 1024 * 1024;
+        let bytes = instance.memory_bytes();
         let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.idle.len() >= self.env.limits.max_idle_per_plugin {
+        pool.busy = pool.busy.saturating_sub(1);
+        while self.idle_bytes.load(Ordering::Relaxed) + bytes > budget && !pool.idle.is_empty() {
             pool.idle.remove(0);
-            pool.live -= 1;
         }
-        pool.idle.push(Idle { key, instance });
+        if self.idle_bytes.load(Ordering::Relaxed) + bytes <= budget {
+            self.idle_bytes.fetch_add(bytes, Ordering::Relaxed);
+            pool.idle.push(Idle {
+                key,
+                instance: Some(instance),
+                bytes,
+                idle_bytes: self.idle_bytes.clone(),
+            });
+        }
         loaded.freed.notify_one();
     }
 
+    /// An instance that is not coming back (it failed, or never started).
     fn release(&self, loaded: &Loaded) {
         let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.live = pool.live.saturating_sub(1);
+        pool.busy = pool.busy.saturating_sub(1);
         loaded.freed.notify_one();
     }
 }
