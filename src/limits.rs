@@ -123,9 +123,11 @@ pub struct Limits {
     /// `Retry-After`, so a burst cannot queue without bound.
     pub max_inflight_requests: usize,
     /// Threads that do the local API's work (SQLite, plugin calls); 0
-    /// (the default) means four per CPU core. Few threads keep SQLite's
-    /// page caches warm and context switches rare; requests beyond them
-    /// wait in line (bounded by `max_inflight_requests`).
+    /// (the default) means eight per CPU core: a handler mostly waits for
+    /// a group commit's fsync, and enough of them waiting at once keep the
+    /// groups full (BENCHMARKS.md), while a fixed count keeps context
+    /// switches bounded; requests beyond them wait in line (bounded by
+    /// `max_inflight_requests`).
     pub api_workers: usize,
     /// Resources in one ingested Bundle (default 1,000).
     pub max_ingest_entries: usize,

@@ -134,7 +134,7 @@ pub fn run(
         }
     }
     let limits_workers = match config.limits.api_workers {
-        0 => 4 * std::thread::available_parallelism().map_or(2, usize::from),
+        0 => 8 * std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
     };
     let app = Arc::new(App {
