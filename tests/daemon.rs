@@ -86,9 +86,15 @@ fn api_answers_by_token_role_and_tenant_and_records_refusals() {
     assert_eq!(a.header("x-audit-id"), Some(call_id.as_str()));
     // The other clinic's token reaches only its own (empty) tenant, where
     // NEWS2 is not granted: the plugin runs, its search is denied, it fails.
-    let a = d.post(INVOKE, Some(&other), &invoke_body("p0002"));
-    assert_eq!(a.status, 422, "{}", a.text());
-    assert!(a.text().contains("fhir_search"), "{}", a.text());
+    // However often: the plugin's own error is not misbehaviour, so one
+    // clinic cannot quarantine NEWS2 for the other.
+    for _ in 0..6 {
+        let a = d.post(INVOKE, Some(&other), &invoke_body("p0002"));
+        assert_eq!(a.status, 422, "{}", a.text());
+        assert!(a.text().contains("fhir_search"), "{}", a.text());
+    }
+    let a = d.post(INVOKE, Some(&app), &invoke_body("p0002"));
+    assert_eq!(a.status, 200, "still serving clinic-a: {}", a.text());
 
     // FHIR search and read within the token's scopes and tenant.
     let a = d.get(
@@ -121,7 +127,7 @@ fn api_answers_by_token_role_and_tenant_and_records_refusals() {
     assert_eq!(s["plugins"][0]["name"], "acme/news2");
     let m = d.get("/metrics", Some(&admin), &[]).text();
     assert!(
-        m.contains("clinicbox_plugin_calls_total{plugin=\"acme/news2\",outcome=\"ok\"} 1"),
+        m.contains("clinicbox_plugin_calls_total{plugin=\"acme/news2\",outcome=\"ok\"} 2"),
         "{m}"
     );
     assert!(

@@ -95,8 +95,8 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         }
     };
     // (plugin, function, patient), each once, in a stable order; only
-    // plugins granted something in this tenant (an ungranted plugin could
-    // only fail, and failures quarantine it for every tenant).
+    // plugins granted something in this tenant (an ungranted one could
+    // only answer with the host's denial).
     let granted = |plugin: &str| {
         conns::with(&env.dir, Db::State, |s| {
             Ok(!crate::runtime::grants::granted(s, &who.tenant, plugin)?.is_empty())

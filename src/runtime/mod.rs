@@ -169,6 +169,13 @@ pub enum CallError {
         function: String,
         /// What happened.
         message: String,
+        /// The plugin misbehaved (trap, time or memory limit, oversized
+        /// output, a host panic), as opposed to answering with its own
+        /// error (Extism `error_set`, e.g. "spo2 must be between 0 and
+        /// 100"). Only misbehaviour counts towards quarantine: a caller's
+        /// bad input, or a call in a tenant where the plugin was granted
+        /// nothing, must not let one caller disable a plugin for the box.
+        misbehaved: bool,
     },
 }
 
@@ -469,7 +476,11 @@ impl Runtime {
                     grants::note_success(state, &req.plugin)?;
                     false
                 }
-                Err(CallError::Failed { message, .. }) => grants::note_failure(
+                Err(CallError::Failed {
+                    message,
+                    misbehaved: true,
+                    ..
+                }) => grants::note_failure(
                     state,
                     &req.plugin,
                     message,
@@ -559,10 +570,11 @@ impl Runtime {
             linked: linked.clone(),
         };
         let mut instance = self.checkout(&loaded, &key, &req.plugin)?;
-        let fail = |message: String| CallError::Failed {
+        let fail = |message: String, misbehaved: bool| CallError::Failed {
             plugin: req.plugin.clone(),
             function: req.function.clone(),
             message,
+            misbehaved,
         };
         let ran = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -587,8 +599,14 @@ impl Runtime {
             rec.detail = format!("{dropped} log bytes over the cap dropped");
         }
         let outcome = match result {
-            Err(_) => Err(fail("panicked inside the host; instance discarded".into())),
-            Ok(Err(e)) => Err(fail(describe(&e, &loaded.manifest))),
+            Err(_) => Err(fail(
+                "panicked inside the host; instance discarded".into(),
+                true,
+            )),
+            Ok(Err(e)) => Err(fail(
+                describe(&e, &loaded.manifest),
+                !matches!(e, host::Failure::Guest(_)),
+            )),
             Ok(Ok(out)) => Ok(out),
         };
         match outcome {
