@@ -205,6 +205,8 @@ pub struct RawLimits {
     pub api_workers: Option<usize>,
     /// Memory idle plugin instances may hold, box-wide, MiB (default 512).
     pub idle_instances_mib: Option<u32>,
+    /// A writer's wait for more requests to share a commit, µs (default 1,000).
+    pub group_commit_wait_us: Option<u64>,
 }
 
 /// Validated configuration.
@@ -354,6 +356,10 @@ impl Config {
             if let Some(v) = l.request_body_timeout_ms {
                 limits.request_body_timeout_ms =
                     bounded(v, 100, 600_000, "limits.request_body_timeout_ms")?;
+            }
+            if let Some(v) = l.group_commit_wait_us {
+                limits.group_commit_wait_us =
+                    bounded(v, 0, 100_000, "limits.group_commit_wait_us")?;
             }
             if let Some(v) = l.idle_instances_mib {
                 limits.idle_instances_mib =

@@ -26,6 +26,7 @@ pub mod datadir;
 pub mod db;
 pub mod fhir;
 pub mod fsutil;
+pub mod group;
 pub mod keys;
 pub mod limits;
 pub mod runtime;

@@ -353,10 +353,11 @@ impl AuditLog {
             .ok();
         let signs = key.is_some();
         let policy = Policy::of(limits);
+        let wait = std::time::Duration::from_micros(limits.group_commit_wait_us);
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(conn, key, policy, rx))
+            .spawn(move || writer(conn, key, policy, wait, rx))
             .context("cannot start the audit writer thread")?;
         Ok(AuditLog { tx, signs })
     }
@@ -393,17 +394,18 @@ impl Pending {
     }
 }
 
-/// The writer thread: waits for one request, drains whatever else is
-/// queued, appends it all in one transaction, answers every caller.
-fn writer(conn: Connection, key: Option<SigningKey>, policy: Policy, rx: mpsc::Receiver<Request>) {
+/// The writer thread: waits for one request, gathers what else arrives
+/// within `wait` (`crate::group`), appends it all in one transaction,
+/// answers every caller.
+fn writer(
+    conn: Connection,
+    key: Option<SigningKey>,
+    policy: Policy,
+    wait: std::time::Duration,
+    rx: mpsc::Receiver<Request>,
+) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-            if batch.len() >= 10_000 {
-                break;
-            }
-        }
+        let batch = crate::group::gather(&rx, first, wait, 10_000);
         let (entries, replies): (Vec<Entry>, Vec<_>) = batch.into_iter().unzip();
         let signer = key.as_ref().map(|key| Signer { key, policy });
         match append_batch(&conn, signer.as_ref(), &entries) {

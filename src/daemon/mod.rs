@@ -137,6 +137,7 @@ pub fn run(
         0 => 8 * std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
     };
+    let fhir_writer = crate::fhir::writer::Writer::open(&dir, &config.limits)?;
     let app = Arc::new(App {
         rt,
         config: RwLock::new(Arc::new(config)),
@@ -145,7 +146,7 @@ pub fn run(
         draining: AtomicBool::new(false),
         started,
         inbox,
-        fhir_writer: crate::fhir::writer::Writer::open(&dir)?,
+        fhir_writer,
         stop: Stop::default(),
         workers: workers::Workers::start(limits_workers)?,
     });

@@ -54,7 +54,8 @@ impl std::fmt::Debug for Writer {
 
 impl Writer {
     /// Opens `fhir.db` of `dir` for writing and starts the writer thread.
-    pub fn open(dir: &DataDir) -> Result<Writer> {
+    pub fn open(dir: &DataDir, limits: &crate::limits::Limits) -> Result<Writer> {
+        let wait = std::time::Duration::from_micros(limits.group_commit_wait_us);
         let conn = super::open(dir)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .context("fhir.db: cannot set synchronous=FULL")?;
@@ -69,7 +70,7 @@ impl Writer {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fhir-writer".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, wait, rx))
             .context("cannot start the FHIR writer thread")?;
         Ok(Writer { tx })
     }
@@ -94,17 +95,12 @@ impl Writer {
     }
 }
 
-/// The writer thread: waits for one job, drains whatever else is queued,
-/// stores it all in one transaction, answers every caller.
-fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+/// The writer thread: waits for one job, gathers what else arrives within
+/// `wait` (`crate::group`), stores it all in one transaction, answers
+/// every caller.
+fn run(mut conn: Connection, wait: std::time::Duration, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(more) => group.push(more),
-                Err(_) => break,
-            }
-        }
+        let mut group = crate::group::gather(&rx, first, wait, MAX_GROUP);
         match store_group(&mut conn, &mut group) {
             Ok(results) => {
                 for (job, r) in group.into_iter().zip(results) {
@@ -171,7 +167,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path());
         dir.init().unwrap();
-        let w = Writer::open(&dir).unwrap();
+        let w = Writer::open(&dir, &crate::limits::Limits::default()).unwrap();
         let threads: Vec<_> = (0..16)
             .map(|i| {
                 let w = w.clone();

@@ -123,6 +123,32 @@ pub fn search(
     ctx: &SearchContext<'_>,
     q: &Query,
 ) -> Result<Bundle, SearchError> {
+    in_snapshot(conn, || search_inner(conn, ctx, q))
+}
+
+/// Runs `f`'s statements in one read transaction (unless the caller has
+/// one open): one consistent snapshot for the whole search (the page of
+/// ids and their rows cannot disagree), and one lock and cache check
+/// instead of one per statement.
+fn in_snapshot<T>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, SearchError>,
+) -> Result<T, SearchError> {
+    if !conn.is_autocommit() {
+        return f();
+    }
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Deferred)?;
+    let out = f();
+    // Read-only: ending it either way releases the snapshot.
+    tx.commit()?;
+    out
+}
+
+fn search_inner(
+    conn: &Connection,
+    ctx: &SearchContext<'_>,
+    q: &Query,
+) -> Result<Bundle, SearchError> {
     let scope = scope_filters(q.def, ctx.grants, true)?;
     let patient = match (&q.patient_param, ctx.patient) {
         (Some((param, id)), Some(ctx_p)) if id != ctx_p => {
@@ -326,6 +352,14 @@ fn includes(
 /// Reads `Type/id` in `ctx`. Missing, deleted, other-tenant,
 /// other-patient and ungranted all give the same [`SearchError::NotFound`].
 pub fn read(
+    conn: &Connection,
+    ctx: &SearchContext<'_>,
+    reference: &str,
+) -> Result<String, SearchError> {
+    in_snapshot(conn, || read_inner(conn, ctx, reference))
+}
+
+fn read_inner(
     conn: &Connection,
     ctx: &SearchContext<'_>,
     reference: &str,
