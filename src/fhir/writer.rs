@@ -28,8 +28,6 @@ use crate::datadir::DataDir;
 
 /// Most callers taken into one transaction.
 const MAX_GROUP: usize = 512;
-/// The writer connection's page cache, in KiB.
-const WRITER_CACHE_KIB: i64 = 32 * 1024;
 /// WAL pages (4 KiB) after which a commit checkpoints (SQLite: 1,000).
 const WRITER_WAL_PAGES: i64 = 8_000;
 
@@ -59,12 +57,9 @@ impl Writer {
         let conn = super::open(dir)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .context("fhir.db: cannot set synchronous=FULL")?;
-        // Devices touch every patient's index pages over and over: keep
-        // them in this connection's cache (no re-read per group), and let
-        // the WAL grow to WRITER_WAL_PAGES before a checkpoint copies it
-        // back, so a page written by many groups is copied once.
-        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
-            .context("fhir.db: cannot set cache_size")?;
+        // Devices touch every patient's index pages over and over: let the
+        // WAL grow to WRITER_WAL_PAGES before a checkpoint copies it back,
+        // so a page written by many groups is copied once.
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_WAL_PAGES)
             .context("fhir.db: cannot set wal_autocheckpoint")?;
         let (tx, rx) = mpsc::channel::<Job>();

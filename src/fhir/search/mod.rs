@@ -250,21 +250,27 @@ fn lastn(
     scope: &Option<sql::ScopeFilter>,
     max: usize,
 ) -> Result<Bundle, SearchError> {
-    let mut next_group = conn.prepare_cached(&format!(
+    // Groups from the highest (code, system) down: each seek lands on the
+    // group's newest row, whose index page the group's own scan below then
+    // finds in the cache.
+    let first_sql = format!(
         "SELECT d.system, d.code FROM idx_token d WHERE {} AND d.tid = ?1 AND d.patient = ?2 \
-         AND (d.code, d.system) > (?3, ?4) ORDER BY d.code, d.system LIMIT 1",
+         ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1",
         sql::LASTN_ROWS
-    ))?;
+    );
+    let next_sql = format!(
+        "SELECT d.system, d.code FROM idx_token d WHERE {} AND d.tid = ?1 AND d.patient = ?2 \
+         AND (d.code, d.system) < (?3, ?4) ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1",
+        sql::LASTN_ROWS
+    );
     let mut found: Vec<(i64, i64)> = Vec::new();
-    let (mut system, mut code) = (String::new(), String::new());
-    loop {
-        let group: Option<(String, String)> = next_group
-            .query_row(rusqlite::params![tid, patient, code, system], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        let Some(g) = group else { break };
-        (system, code) = g;
+    let mut group: Option<(String, String)> = conn
+        .prepare_cached(&first_sql)?
+        .query_row(rusqlite::params![tid, patient], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    while let Some((system, code)) = group {
         let sql = sql::build_lastn_group(q, tid, patient, scope, (&system, &code), max);
         let mut stmt = conn.prepare_cached(&sql.text)?;
         let rows = stmt.query_map(params_from_iter(sql.args.iter()), |r| {
@@ -273,6 +279,12 @@ fn lastn(
         for row in rows {
             found.push(row?);
         }
+        group = conn
+            .prepare_cached(&next_sql)?
+            .query_row(rusqlite::params![tid, patient, code, system], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
     }
     // An Observation with several codings is in several groups: once here.
     found.sort_unstable_by(|a, b| b.cmp(a));

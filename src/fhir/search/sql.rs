@@ -306,7 +306,8 @@ pub(super) const LASTN_ROWS: &str = "d.type = 2 AND d.param = 1";
 
 /// `$lastn` for one code group (`system`, `code`): the newest `max` rows
 /// of that code in the patient's compartment that pass every filter and
-/// scope, newest first. An index range scan backwards that stops at `max`.
+/// scope, newest first. A backward range scan of `idx_token_lastn` that
+/// stops at `max`, starting on the page the group's seek just read.
 pub(super) fn build_lastn_group(
     q: &Query,
     tid: i64,
@@ -318,7 +319,7 @@ pub(super) fn build_lastn_group(
     let (tokens, lone_scope) = and_tokens(q, scope);
     let mut sql = Sql2::default();
     sql.push(&format!(
-        "SELECT d.rid, d.sort_ms FROM idx_token d WHERE {LASTN_ROWS} AND d.tid = "
+        "SELECT d.rid, d.sort_ms FROM idx_token d INDEXED BY idx_token_lastn WHERE {LASTN_ROWS} AND d.tid = "
     ));
     sql.arg(tid);
     sql.push(" AND d.patient = ");
