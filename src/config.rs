@@ -201,7 +201,7 @@ pub struct RawLimits {
     pub request_body_timeout_ms: Option<u64>,
     /// Requests worked on at once by the local API (default 256).
     pub max_inflight_requests: Option<usize>,
-    /// Threads that run the local API's handlers (default: 8 per core).
+    /// Threads that run the local API's handlers (default: 16 per core).
     pub api_workers: Option<usize>,
     /// Memory idle plugin instances may hold, box-wide, MiB (default 512).
     pub idle_instances_mib: Option<u32>,

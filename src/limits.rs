@@ -127,7 +127,7 @@ pub struct Limits {
     /// `Retry-After`, so a burst cannot queue without bound.
     pub max_inflight_requests: usize,
     /// Threads that do the local API's work (SQLite, plugin calls); 0
-    /// (the default) means eight per CPU core: a handler mostly waits for
+    /// (the default) means sixteen per CPU core: a handler mostly waits for
     /// a group commit's fsync, and enough of them waiting at once keep the
     /// groups full (BENCHMARKS.md), while a fixed count keeps context
     /// switches bounded; requests beyond them wait in line (bounded by

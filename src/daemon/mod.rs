@@ -134,7 +134,7 @@ pub fn run(
         }
     }
     let limits_workers = match config.limits.api_workers {
-        0 => 8 * std::thread::available_parallelism().map_or(2, usize::from),
+        0 => 16 * std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
     };
     let fhir_writer = crate::fhir::writer::Writer::open(&dir, &config.limits)?;
