@@ -304,10 +304,63 @@ pub fn download(client: &Client, url: &str, entry: &IndexEntry) -> Result<Vec<u8
 pub struct PollReport {
     /// The index version accepted (None if refused).
     pub index_version: Option<u64>,
-    /// (file, outcome) per listed bundle that was not already installed.
-    pub bundles: Vec<(String, String)>,
+    /// Each listed bundle newer than the plugin's version floor.
+    pub bundles: Vec<BundleOutcome>,
     /// How many were installed.
     pub installed: usize,
+}
+
+impl PollReport {
+    /// The bundles that were refused (or could not be fetched).
+    pub fn refused(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.bundles.iter().filter_map(|b| match &b.result {
+            BundleResult::Refused { reason } => Some((b.file.as_str(), reason.as_str())),
+            BundleResult::Installed { .. } => None,
+        })
+    }
+}
+
+/// One listed bundle's fate in a poll.
+#[derive(Debug, Serialize)]
+pub struct BundleOutcome {
+    /// Its file name in the index.
+    pub file: String,
+    /// Installed, or refused and why.
+    #[serde(flatten)]
+    pub result: BundleResult,
+}
+
+/// Installed, or refused with the reason.
+#[derive(Debug, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum BundleResult {
+    /// Verified and installed (or already current).
+    Installed {
+        /// `vendor/name`.
+        plugin: String,
+        /// Its version.
+        version: String,
+        /// What the install did.
+        install: crate::bundle::store::InstallOutcome,
+    },
+    /// Not installed: refused (digest, size, verification) or not fetched.
+    Refused {
+        /// Why, naming the step.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for BundleResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BundleResult::Installed {
+                plugin,
+                version,
+                install,
+            } => write!(f, "{plugin} {version} {install:?}"),
+            BundleResult::Refused { reason } => write!(f, "refused: {reason}"),
+        }
+    }
 }
 
 /// One poll of the channel `up` for data dir `dir`.
@@ -392,7 +445,7 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
             continue;
         }
         let url = format!("{}/{}", up.url, entry.file);
-        let outcome = (|| -> Result<String> {
+        let outcome = (|| -> Result<crate::admin::InstallReport> {
             let bytes = download(&client, &url, entry)?;
             let staging = dir.root().join("updates");
             crate::fsutil::ensure_private_dir(&staging, 0o700)?;
@@ -400,13 +453,19 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
             crate::fsutil::write_atomic(&path, &bytes, 0o600, "update")?;
             let r = crate::admin::install_file(dir, &path, limits);
             let _ = std::fs::remove_file(&path);
-            let r = r?;
-            Ok(format!("{} {} {:?}", r.plugin, r.version, r.outcome))
+            r
         })();
         match outcome {
-            Ok(s) => {
+            Ok(r) => {
                 report.installed += 1;
-                report.bundles.push((entry.file.clone(), s));
+                report.bundles.push(BundleOutcome {
+                    file: entry.file.clone(),
+                    result: BundleResult::Installed {
+                        plugin: r.plugin,
+                        version: r.version,
+                        install: r.outcome,
+                    },
+                });
             }
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -421,9 +480,10 @@ pub fn poll_once(dir: &DataDir, up: &Upstream, limits: &Limits) -> Result<PollRe
                         serde_json::json!({"file": entry.file, "reason": reason}),
                     );
                 }
-                report
-                    .bundles
-                    .push((entry.file.clone(), format!("refused: {reason}")));
+                report.bundles.push(BundleOutcome {
+                    file: entry.file.clone(),
+                    result: BundleResult::Refused { reason },
+                });
             }
         }
     }
@@ -441,28 +501,24 @@ pub fn poll(app: &crate::daemon::App, up: &Upstream) -> Result<usize> {
             return Err(e);
         }
     };
-    for (file, outcome) in &report.bundles {
-        if outcome.starts_with("refused") {
-            app.metrics.bundle("updates", "rejected");
-            log::warn!("updates: {file}: {outcome}");
-        } else {
-            app.metrics.bundle("updates", "accepted");
-            log::info!("updates: {file}: {outcome}");
+    for b in &report.bundles {
+        match &b.result {
+            BundleResult::Refused { .. } => {
+                app.metrics.bundle("updates", "rejected");
+                log::warn!("updates: {}: {}", b.file, b.result);
+            }
+            BundleResult::Installed { .. } => {
+                app.metrics.bundle("updates", "accepted");
+                log::info!("updates: {}: {}", b.file, b.result);
+            }
         }
     }
     if report.installed > 0 {
         let _ = app.rt.preload();
     }
-    if report.bundles.iter().any(|(_, o)| o.starts_with("refused")) {
-        bail!(
-            "{} of {} new bundles refused",
-            report
-                .bundles
-                .iter()
-                .filter(|(_, o)| o.starts_with("refused"))
-                .count(),
-            report.bundles.len()
-        );
+    let refused = report.refused().count();
+    if refused > 0 {
+        bail!("{refused} of {} new bundles refused", report.bundles.len());
     }
     Ok(report.installed)
 }

@@ -173,11 +173,20 @@ fn update_channel_installs_and_refuses_stale_rollback_oversize_and_substitutes()
         "a refused index installed something"
     );
 
-    // The honest index and bundle again: installed.
+    // The honest index and bundle again: installed, and the report says
+    // so per bundle.
     c.serve("acme-vitals-2.0.0.cbx", &v2);
     c.publish(8, &[("acme-vitals-2.0.0.cbx", &v2)], &c.vendor.key_path);
-    let out = c.update();
+    let out = c.b.run(&["--json", "update"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["index_version"], 8);
+    assert_eq!(report["installed"], 1);
+    assert_eq!(
+        report["bundles"][0],
+        serde_json::json!({"file": "acme-vitals-2.0.0.cbx", "outcome": "installed",
+                           "plugin": "acme/vitals", "version": "2.0.0", "install": "installed"})
+    );
     assert_eq!(
         c.b.installed(),
         vec![("acme/vitals".into(), "2.0.0".into())]

@@ -23,30 +23,27 @@ pub fn update(ctx: &Ctx) -> Result<()> {
         bail!("no [updates] in the config; nothing to poll");
     };
     let report = crate::update::poll_once(&ctx.dir, up, &ctx.config.limits)?;
-    let refused = report
-        .bundles
-        .iter()
-        .filter(|(_, o)| o.starts_with("refused"))
-        .count();
     ctx.out.emit(&report, || {
         let mut s = format!(
             "index version {} accepted; {} installed\n",
             report.index_version.unwrap_or(0),
             report.installed
         );
-        for (file, outcome) in &report.bundles {
-            s += &format!("  {file}: {outcome}\n");
+        for b in &report.bundles {
+            s += &format!("  {}: {}\n", b.file, b.result);
         }
         s
     })?;
-    if refused > 0 {
-        let reasons: Vec<String> = report
-            .bundles
-            .iter()
-            .filter(|(_, o)| o.starts_with("refused"))
-            .map(|(f, o)| format!("{f}: {o}"))
-            .collect();
-        bail!("{refused} bundles were refused: {}", reasons.join("; "));
+    let refused: Vec<String> = report
+        .refused()
+        .map(|(file, reason)| format!("{file}: refused: {reason}"))
+        .collect();
+    if !refused.is_empty() {
+        bail!(
+            "{} bundles were refused: {}",
+            refused.len(),
+            refused.join("; ")
+        );
     }
     Ok(())
 }
