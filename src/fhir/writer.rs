@@ -136,8 +136,19 @@ fn store_group(
                 sp.commit()?;
                 results.push(Ok(done));
             }
-            // Dropping the savepoint rolls this job back alone.
-            Err(e) => results.push(Err(format!("{e:#}"))),
+            Err(e) => {
+                // Undo this job alone (ROLLBACK TO, then RELEASE), checked:
+                // an error such as a full disk or an I/O error may have
+                // rolled back the whole transaction, and then the group
+                // fails as one rather than committing the rest piecemeal.
+                let mut sp = sp;
+                sp.rollback()?;
+                sp.commit()?;
+                if tx.is_autocommit() {
+                    anyhow::bail!("the group's transaction was rolled back by SQLite: {e:#}");
+                }
+                results.push(Err(format!("{e:#}")));
+            }
         }
     }
     tx.commit()?;
