@@ -19,7 +19,8 @@
 //!   instances by it, so state a plugin keeps in globals or its heap can
 //!   never reach another patient's call (a fresh instance is made instead);
 //!   idle instances are bounded box-wide by memory
-//!   (`Limits::idle_instances_mib`), least recently used dropped first;
+//!   (`Limits::idle_instances_mib`), the least recently idle of any plugin
+//!   dropped first;
 //! - a trap, a limit, a host-function panic or any error discards the
 //!   instance; it is never returned to the pool;
 //! - a call runs on the version current when it started: installing or
@@ -169,12 +170,14 @@ pub enum CallError {
         function: String,
         /// What happened.
         message: String,
-        /// The plugin misbehaved (trap, time or memory limit, oversized
-        /// output, a host panic), as opposed to answering with its own
-        /// error (Extism `error_set`, e.g. "spo2 must be between 0 and
-        /// 100"). Only misbehaviour counts towards quarantine: a caller's
-        /// bad input, or a call in a tenant where the plugin was granted
-        /// nothing, must not let one caller disable a plugin for the box.
+        /// The plugin misbehaved (a trap, its time or memory limit, an
+        /// oversized output), as opposed to answering with its own error
+        /// (Extism `error_set`, e.g. "spo2 must be between 0 and 100") or
+        /// the host failing (a panic, a database or audit error in a host
+        /// function). Only misbehaviour counts towards quarantine: a
+        /// caller's bad input, a call in a tenant where the plugin was
+        /// granted nothing, or a sick disk must not let one caller disable
+        /// a plugin for the box.
         misbehaved: bool,
     },
 }
@@ -214,6 +217,8 @@ struct Idle {
     key: PoolKey,
     instance: Option<host::Instance>,
     bytes: usize,
+    /// When it went idle (box-wide least-recently-used order).
+    since: Instant,
     idle_bytes: Arc<AtomicUsize>,
 }
 
@@ -599,13 +604,16 @@ impl Runtime {
             rec.detail = format!("{dropped} log bytes over the cap dropped");
         }
         let outcome = match result {
+            // The host's own failures (a panic, a database or audit error
+            // inside a host function) are not the plugin's: they fail the
+            // call but count nothing towards its quarantine.
             Err(_) => Err(fail(
                 "panicked inside the host; instance discarded".into(),
-                true,
+                false,
             )),
             Ok(Err(e)) => Err(fail(
                 describe(&e, &loaded.manifest),
-                !matches!(e, host::Failure::Guest(_)),
+                !matches!(e, host::Failure::Guest(_) | host::Failure::Host(_)),
             )),
             Ok(Ok(out)) => Ok(out),
         };
@@ -672,27 +680,74 @@ impl Runtime {
     }
 
     /// Returns a healthy instance to the pool, keeping it idle for its
-    /// patient if the box-wide idle memory budget
-    /// (`Limits::idle_instances_mib`) has room, after evicting this
-    /// plugin's least recently used idle instances.
+    /// patient within the box-wide idle memory budget
+    /// (`Limits::idle_instances_mib`): the least recently idle instances of
+    /// any plugin are dropped first to make room.
     fn checkin(&self, loaded: &Loaded, key: PoolKey, instance: host::Instance) {
         let budget = self.env.limits.idle_instances_mib as usize * 1024 * 1024;
         let bytes = instance.memory_bytes();
-        let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.busy = pool.busy.saturating_sub(1);
-        while self.idle_bytes.load(Ordering::Relaxed) + bytes > budget && !pool.idle.is_empty() {
-            pool.idle.remove(0);
+        {
+            let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.busy = pool.busy.saturating_sub(1);
+            loaded.freed.notify_one();
         }
+        if bytes > budget {
+            return;
+        }
+        // One pool lock at a time (never two), so check-ins of different
+        // plugins cannot deadlock.
+        while self.idle_bytes.load(Ordering::Relaxed) + bytes > budget {
+            if !self.evict_oldest_idle() {
+                break;
+            }
+        }
+        let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
         if self.idle_bytes.load(Ordering::Relaxed) + bytes <= budget {
             self.idle_bytes.fetch_add(bytes, Ordering::Relaxed);
             pool.idle.push(Idle {
                 key,
                 instance: Some(instance),
                 bytes,
+                since: Instant::now(),
                 idle_bytes: self.idle_bytes.clone(),
             });
         }
-        loaded.freed.notify_one();
+    }
+
+    /// Drops the box's least recently idle instance; false if none is idle.
+    fn evict_oldest_idle(&self) -> bool {
+        let loaded: Vec<Arc<Loaded>> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut oldest: Option<(Instant, &Arc<Loaded>)> = None;
+        for l in &loaded {
+            let since = l
+                .pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .idle
+                .first()
+                .map(|i| i.since);
+            if let Some(t) = since
+                && oldest.is_none_or(|(o, _)| t < o)
+            {
+                oldest = Some((t, l));
+            }
+        }
+        let Some((_, l)) = oldest else {
+            return false;
+        };
+        // Dropping the Idle lowers the idle bytes. If another thread took
+        // it meanwhile, the caller's next pass looks again.
+        let mut pool = l.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if !pool.idle.is_empty() {
+            pool.idle.remove(0);
+        }
+        true
     }
 
     /// An instance that is not coming back (it failed, or never started).
