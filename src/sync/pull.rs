@@ -83,6 +83,11 @@ pub fn pull_type(
     let local = |e: anyhow::Error| SyncError::Local(format!("{e:#}"));
     let state = dir.open_state().map_err(local)?;
     let mut fhir = crate::fhir::open(dir).map_err(local)?;
+    // The cursor (state.db, synchronous=FULL) moves past a page only after
+    // the page is committed; the page must then be on disk too, or a power
+    // cut could keep the cursor and lose the page for good.
+    fhir.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| local(e.into()))?;
     let mut c = load(&state, tenant, ty).map_err(local)?;
     let mut report = PullReport {
         resource_type: ty.to_owned(),
