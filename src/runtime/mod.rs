@@ -686,11 +686,7 @@ impl Runtime {
     fn checkin(&self, loaded: &Loaded, key: PoolKey, instance: host::Instance) {
         let budget = self.env.limits.idle_instances_mib as usize * 1024 * 1024;
         let bytes = instance.memory_bytes();
-        {
-            let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.busy = pool.busy.saturating_sub(1);
-            loaded.freed.notify_one();
-        }
+        self.release(loaded);
         if bytes > budget {
             return;
         }
@@ -750,7 +746,8 @@ impl Runtime {
         true
     }
 
-    /// An instance that is not coming back (it failed, or never started).
+    /// Frees the busy slot of an instance that is done serving (returned
+    /// to idle, failed, or never started) and wakes one waiting call.
     fn release(&self, loaded: &Loaded) {
         let mut pool = loaded.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.busy = pool.busy.saturating_sub(1);

@@ -139,9 +139,12 @@ fn in_snapshot<T>(
     }
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Deferred)?;
     let out = f();
-    // Read-only: ending it either way releases the snapshot.
-    tx.commit()?;
-    out
+    // Read-only: ending it either way releases the snapshot; the search's
+    // own error, if any, is the one to report.
+    let ended = tx.commit();
+    let out = out?;
+    ended?;
+    Ok(out)
 }
 
 fn search_inner(
@@ -254,15 +257,19 @@ fn lastn(
     // group's newest row, whose index page the group's own scan below then
     // finds in the cache.
     let first_sql = format!(
-        "SELECT d.system, d.code FROM idx_token d WHERE {} AND d.tid = ?1 AND d.patient = ?2 \
+        "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn \
+         WHERE {} AND d.tid = ?1 AND d.patient = ?2 \
          ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1",
         sql::LASTN_ROWS
     );
     let next_sql = format!(
-        "SELECT d.system, d.code FROM idx_token d WHERE {} AND d.tid = ?1 AND d.patient = ?2 \
-         AND (d.code, d.system) < (?3, ?4) ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1",
+        "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn \
+         WHERE {} AND d.tid = ?1 AND d.patient = ?2 AND (d.code, d.system) < (?3, ?4) \
+         ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1",
         sql::LASTN_ROWS
     );
+    let mut group_sql = sql::build_lastn_group(q, tid, patient, scope, max);
+    let mut group_stmt = conn.prepare_cached(&group_sql.text)?;
     let mut found: Vec<(i64, i64)> = Vec::new();
     let mut group: Option<(String, String)> = conn
         .prepare_cached(&first_sql)?
@@ -271,9 +278,9 @@ fn lastn(
         })
         .optional()?;
     while let Some((system, code)) = group {
-        let sql = sql::build_lastn_group(q, tid, patient, scope, (&system, &code), max);
-        let mut stmt = conn.prepare_cached(&sql.text)?;
-        let rows = stmt.query_map(params_from_iter(sql.args.iter()), |r| {
+        group_sql.args[sql::LASTN_CODE_ARG] = code.clone().into();
+        group_sql.args[sql::LASTN_CODE_ARG + 1] = system.clone().into();
+        let rows = group_stmt.query_map(params_from_iter(group_sql.args.iter()), |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(0)?))
         })?;
         for row in rows {

@@ -304,16 +304,17 @@ fn push_filters(
 /// `WHERE` for SQLite to use it.
 pub(super) const LASTN_ROWS: &str = "d.type = 2 AND d.param = 1";
 
-/// `$lastn` for one code group (`system`, `code`): the newest `max` rows
-/// of that code in the patient's compartment that pass every filter and
-/// scope, newest first. A backward range scan of `idx_token_lastn` that
-/// stops at `max`, starting on the page the group's seek just read.
+/// `$lastn` for one code group: the newest `max` rows of one (`system`,
+/// `code`) in the patient's compartment that pass every filter and scope,
+/// newest first. A backward range scan of `idx_token_lastn` that stops at
+/// `max`, starting on the page the group's seek just read. Built once per
+/// search: the group's code and system are the arguments at
+/// [`LASTN_CODE_ARG`] and [`LASTN_CODE_ARG`] + 1, set for each group.
 pub(super) fn build_lastn_group(
     q: &Query,
     tid: i64,
     patient: &str,
     scope: &Option<ScopeFilter>,
-    (system, code): (&str, &str),
     max: usize,
 ) -> Sql2 {
     let (tokens, lone_scope) = and_tokens(q, scope);
@@ -325,13 +326,16 @@ pub(super) fn build_lastn_group(
     sql.push(" AND d.patient = ");
     sql.arg(patient.to_owned());
     sql.push(" AND d.code = ");
-    sql.arg(code.to_owned());
+    sql.arg(String::new());
     sql.push(" AND d.system = ");
-    sql.arg(system.to_owned());
+    sql.arg(String::new());
     push_filters(&mut sql, q, tid, &tokens, None, scope, lone_scope);
     sql.push(&format!(" ORDER BY d.sort_ms DESC, d.rid DESC LIMIT {max}"));
     sql
 }
+
+/// Where [`build_lastn_group`] binds the group's code (and, next, system).
+pub(super) const LASTN_CODE_ARG: usize = 2;
 
 /// Appends ` AND (…)`: the OR of each scope's AND-ed token conditions on `d`.
 pub(super) fn scope_cond(sql: &mut Sql2, ors: &ScopeFilter) {
@@ -355,4 +359,16 @@ pub(super) fn exists_token(sql: &mut Sql2, param: i64, alts: &[TokenQ]) {
     sql.push(" AND ");
     token_cond(sql, "t", alts);
     sql.push(")");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_lastn_literals_are_observation_code() {
+        // LASTN_ROWS and migration 2's partial index spell these out.
+        let obs = crate::fhir::params::type_def("Observation").unwrap();
+        assert_eq!(obs.code, 2);
+        assert_eq!(obs.param("code").map(|p| p.code), Some(1));
+        assert!(crate::fhir::schema::MIGRATIONS[1].contains("WHERE type = 2 AND param = 1"));
+    }
 }
