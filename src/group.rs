@@ -2,38 +2,40 @@
 //! audit log's, the FHIR cache's) that one transaction and one fsync will
 //! serve.
 //!
-//! A writer takes the first request, then whatever else arrives within
-//! `wait` (`Limits::group_commit_wait_us`) up to `max`. Under load the
-//! queue fills while the previous commit's fsync runs, and the wait costs
-//! nothing; at a steady moderate rate (devices each sending every 100 ms)
-//! requests arrive one by one, and without a short wait every one would
-//! pay for its own fsync and rewrite the same tail pages.
+//! A writer takes the first request and whatever is queued behind it,
+//! then sleeps `wait` (`Limits::group_commit_wait_us`) once and takes what
+//! arrived meanwhile, up to `max` in all. Under load the queue fills while
+//! the previous commit's fsync runs; at a steady moderate rate (devices
+//! each sending every 100 ms) requests arrive one by one, and without a
+//! short wait every one would pay for its own fsync and rewrite the same
+//! tail pages. One sleep, rather than a wake-up per arriving request,
+//! keeps the writer off the scheduler while its group fills.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Duration;
 
-/// `first` and the requests that arrive within `wait` of it (all those
-/// already queued, at least), at most `max` in all.
+/// `first`, the requests already queued, and those that arrive within
+/// `wait`, at most `max` in all. Returns at once when every sender is gone.
 pub fn gather<T>(rx: &Receiver<T>, first: T, wait: Duration, max: usize) -> Vec<T> {
     let mut group = vec![first];
-    let deadline = Instant::now() + wait;
-    while group.len() < max {
-        let next = match rx.try_recv() {
-            Ok(r) => Ok(r),
-            Err(_) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                rx.recv_timeout(left)
-            }
-        };
-        match next {
-            Ok(r) => group.push(r),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-        }
+    if drain(rx, &mut group, max) && !wait.is_zero() {
+        std::thread::sleep(wait);
+        drain(rx, &mut group, max);
     }
     group
+}
+
+/// Moves what is queued into `group` (up to `max`); false when no more
+/// can come (full, or every sender gone).
+fn drain<T>(rx: &Receiver<T>, group: &mut Vec<T>, max: usize) -> bool {
+    while group.len() < max {
+        match rx.try_recv() {
+            Ok(r) => group.push(r),
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -56,7 +58,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
             tx.send(7).unwrap();
         });
-        assert_eq!(gather(&rx, 6, Duration::from_secs(5), 2), vec![6, 7]);
+        assert_eq!(gather(&rx, 6, Duration::from_millis(300), 2), vec![6, 7]);
         late.join().unwrap();
         assert_eq!(
             gather(&rx, 8, Duration::from_secs(5), 10),

@@ -8,6 +8,8 @@
 //! - [`clock`]: the trusted clock (never runs backwards);
 //! - [`config`], [`limits`]: validated configuration and every bound;
 //! - [`datadir`], [`db`], [`state`]: the data dir, SQLite, schemas;
+//! - [`group`], [`checkpointer`]: group commit and off-path WAL checkpoints
+//!   for the writer threads of `audit.db` and `fhir.db`;
 //! - [`keys`], [`scopes`], [`fsutil`]: key files, SMART scopes, atomic I/O;
 //! - [`daemon`], [`tokens`], [`update`]: `clinicbox run`: the local API and
 //!   its bearer tokens, the inbox, the vendor update channel;
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod audit;
 pub mod bundle;
+pub mod checkpointer;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -24,9 +24,14 @@ use sha2::{Digest, Sha256};
 
 use super::checkpoint;
 use crate::bundle::manifest::format_time;
+use crate::checkpointer::Checkpointer;
 use crate::clock;
 use crate::datadir::DataDir;
 use crate::limits::Limits;
+
+/// WAL frames after which the writer's background checkpoint starts
+/// (`crate::checkpointer`). Records are appended, so few pages repeat.
+const CHECKPOINT_AT: i64 = 2_000;
 
 /// Domain separation for record hashes.
 const DOMAIN: &[u8] = b"clinicbox-audit-v1\0";
@@ -354,10 +359,11 @@ impl AuditLog {
         let signs = key.is_some();
         let policy = Policy::of(limits);
         let wait = std::time::Duration::from_micros(limits.group_commit_wait_us);
+        let ckpt = Checkpointer::start("audit.db", &conn, dir.open_audit()?, CHECKPOINT_AT)?;
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(conn, key, policy, wait, rx))
+            .spawn(move || writer(conn, ckpt, key, policy, wait, rx))
             .context("cannot start the audit writer thread")?;
         Ok(AuditLog { tx, signs })
     }
@@ -399,6 +405,7 @@ impl Pending {
 /// answers every caller.
 fn writer(
     conn: Connection,
+    mut ckpt: Checkpointer,
     key: Option<SigningKey>,
     policy: Policy,
     wait: std::time::Duration,
@@ -421,6 +428,8 @@ fn writer(
                 }
             }
         }
+        // After the answers: a caller never waits for a checkpoint.
+        ckpt.after_commit(&conn);
     }
 }
 

@@ -84,14 +84,18 @@ pub fn tenant_id(conn: &Connection, name: &str, create: bool) -> Result<Option<i
         is_valid_tenant(name),
         "tenant {name:?} is not a valid tenant name ([a-z0-9][a-z0-9-]*, at most 63)"
     );
-    if create {
-        conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?1)", [name])?;
+    let lookup = || -> Result<Option<i64>> {
+        Ok(conn
+            .prepare_cached("SELECT tid FROM tenants WHERE name = ?1")?
+            .query_row(params![name], |r| r.get(0))
+            .optional()?)
+    };
+    match lookup()? {
+        None if create => {
+            conn.prepare_cached("INSERT OR IGNORE INTO tenants(name) VALUES (?1)")?
+                .execute([name])?;
+            lookup()
+        }
+        found => Ok(found),
     }
-    Ok(conn
-        .query_row(
-            "SELECT tid FROM tenants WHERE name = ?1",
-            params![name],
-            |r| r.get(0),
-        )
-        .optional()?)
 }

@@ -15,6 +15,7 @@
 //! - a caller is answered `Ok` only after the commit that holds its
 //!   resources returned; if the commit fails, every caller of the group
 //!   gets the error and nothing of the group is stored;
+//! - WAL checkpoints run off this thread (`crate::checkpointer`);
 //! - the thread ends when the last [`Writer`] clone is dropped.
 
 use std::sync::mpsc;
@@ -24,12 +25,16 @@ use rusqlite::{Connection, TransactionBehavior};
 use serde_json::Value;
 
 use super::store::{self, Upserted};
+use crate::checkpointer::Checkpointer;
 use crate::datadir::DataDir;
 
 /// Most callers taken into one transaction.
 const MAX_GROUP: usize = 512;
-/// WAL pages (4 KiB) after which a commit checkpoints (SQLite: 1,000).
-const WRITER_WAL_PAGES: i64 = 8_000;
+/// WAL frames (4 KiB pages) after which a background checkpoint starts
+/// (`crate::checkpointer`; SQLite's automatic one: 1,000). Devices touch
+/// every patient's index pages over and over: a long WAL lets a page that
+/// many groups rewrote be copied back once.
+const CHECKPOINT_AT: i64 = 8_000;
 
 struct Job {
     tenant: String,
@@ -57,15 +62,11 @@ impl Writer {
         let conn = super::open(dir)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .context("fhir.db: cannot set synchronous=FULL")?;
-        // Devices touch every patient's index pages over and over: let the
-        // WAL grow to WRITER_WAL_PAGES before a checkpoint copies it back,
-        // so a page written by many groups is copied once.
-        conn.pragma_update(None, "wal_autocheckpoint", WRITER_WAL_PAGES)
-            .context("fhir.db: cannot set wal_autocheckpoint")?;
+        let ckpt = Checkpointer::start("fhir.db", &conn, super::open(dir)?, CHECKPOINT_AT)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fhir-writer".into())
-            .spawn(move || run(conn, wait, rx))
+            .spawn(move || run(conn, ckpt, wait, rx))
             .context("cannot start the FHIR writer thread")?;
         Ok(Writer { tx })
     }
@@ -93,7 +94,12 @@ impl Writer {
 /// The writer thread: waits for one job, gathers what else arrives within
 /// `wait` (`crate::group`), stores it all in one transaction, answers
 /// every caller.
-fn run(mut conn: Connection, wait: std::time::Duration, rx: mpsc::Receiver<Job>) {
+fn run(
+    mut conn: Connection,
+    mut ckpt: Checkpointer,
+    wait: std::time::Duration,
+    rx: mpsc::Receiver<Job>,
+) {
     while let Ok(first) = rx.recv() {
         let mut group = crate::group::gather(&rx, first, wait, MAX_GROUP);
         match store_group(&mut conn, &mut group) {
@@ -109,6 +115,8 @@ fn run(mut conn: Connection, wait: std::time::Duration, rx: mpsc::Receiver<Job>)
                 }
             }
         }
+        // After the answers: a caller never waits for a checkpoint.
+        ckpt.after_commit(&conn);
     }
 }
 

@@ -1,9 +1,11 @@
 //! Recording plugin calls (`plugin.call`) and host-function accesses
 //! (`host.access`) in the audit log, and reading them back.
 //!
-//! Invariant: a host access is durable (group commit, `synchronous=FULL`)
-//! before the data it covers is handed to the plugin; a call is durable
-//! before its output is returned to the caller.
+//! Invariant: a call's output leaves the host only once the call's record
+//! and the records of every host access it made are durable (group commit,
+//! `synchronous=FULL`). An access is queued when it happens and not waited
+//! for there: until the call returns, the data it covers is inside the
+//! sandbox, which has no other way out.
 
 use anyhow::Result;
 use rusqlite::Connection;
