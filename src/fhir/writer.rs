@@ -4,17 +4,19 @@
 //!
 //! One writer thread owns a `fhir.db` connection with `synchronous=FULL`.
 //! Callers hand it their resources and block; it takes everything queued,
-//! stores each caller's resources inside its own savepoint, commits once
-//! (one fsync for the whole group) and answers every caller. So 200
+//! stores it all in one transaction, commits once (one fsync for the whole
+//! group) and answers every caller. So 200
 //! devices sending at once cost a handful of fsyncs, not 200, and no
 //! caller sleeps in SQLite's busy handler waiting for another's commit.
 //!
 //! Invariants:
-//! - a caller's resources are stored all or none: a failing upsert rolls
-//!   back that caller's savepoint only, and that caller gets the error;
+//! - a caller's resources are stored all or none, and one caller's failure
+//!   touches no other: a group with a failing upsert is rolled back whole
+//!   and each of its callers is stored again alone, in its own transaction
+//!   (only the failing one then gets the error);
 //! - a caller is answered `Ok` only after the commit that holds its
-//!   resources returned; if the commit fails, every caller of the group
-//!   gets the error and nothing of the group is stored;
+//!   resources returned; if the group's commit fails, every caller of the
+//!   group gets the error and nothing of the group is stored;
 //! - WAL checkpoints run off this thread (`crate::checkpointer`);
 //! - the thread ends when the last [`Writer`] clone is dropped.
 
@@ -101,8 +103,8 @@ fn run(
     rx: mpsc::Receiver<Job>,
 ) {
     while let Ok(first) = rx.recv() {
-        let mut group = crate::group::gather(&rx, first, wait, MAX_GROUP);
-        match store_group(&mut conn, &mut group) {
+        let group = crate::group::gather(&rx, first, wait, MAX_GROUP);
+        match store_group(&mut conn, &group) {
             Ok(results) => {
                 for (job, r) in group.into_iter().zip(results) {
                     let _ = job.reply.send(r);
@@ -120,47 +122,47 @@ fn run(
     }
 }
 
-/// One transaction for the group, one savepoint per job. The outer error
-/// is the transaction's (nothing stored); the inner ones are per job.
-fn store_group(
-    conn: &mut Connection,
-    group: &mut [Job],
-) -> Result<Vec<Result<Vec<Upserted>, String>>> {
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut results = Vec::with_capacity(group.len());
-    for job in group.iter_mut() {
-        let sp = tx.savepoint()?;
-        let stored = (|| -> Result<Vec<Upserted>> {
-            let tid = super::tenant_id(&sp, &job.tenant, true)?
-                .ok_or_else(|| anyhow::anyhow!("tenant {} could not be created", job.tenant))?;
-            let mut done = Vec::with_capacity(job.resources.len());
-            for res in std::mem::take(&mut job.resources) {
-                done.push(store::upsert(&sp, tid, res, job.now_ms)?);
-            }
-            Ok(done)
-        })();
-        match stored {
-            Ok(done) => {
-                sp.commit()?;
-                results.push(Ok(done));
-            }
-            Err(e) => {
-                // Undo this job alone (ROLLBACK TO, then RELEASE), checked:
-                // an error such as a full disk or an I/O error may have
-                // rolled back the whole transaction, and then the group
-                // fails as one rather than committing the rest piecemeal.
-                let mut sp = sp;
-                sp.rollback()?;
-                sp.commit()?;
-                if tx.is_autocommit() {
-                    anyhow::bail!("the group's transaction was rolled back by SQLite: {e:#}");
-                }
-                results.push(Err(format!("{e:#}")));
-            }
+/// One transaction for the whole group. If any job fails, the group is
+/// rolled back and each job is stored again in a transaction of its own,
+/// so a failure touches no one else. Failures are rare (ingest checks
+/// each resource before it queues it), and the common case pays for no
+/// savepoints. The outer error is a transaction's (nothing stored); the
+/// inner ones are per job.
+fn store_group(conn: &mut Connection, group: &[Job]) -> Result<Vec<Result<Vec<Upserted>, String>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let together: Result<Vec<_>> = group.iter().map(|job| store_job(&tx, job)).collect();
+    match together {
+        Ok(done) => {
+            tx.commit()?;
+            Ok(done.into_iter().map(Ok).collect())
+        }
+        Err(_) => {
+            tx.rollback()?;
+            group
+                .iter()
+                .map(|job| {
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    Ok(match store_job(&tx, job) {
+                        Ok(done) => {
+                            tx.commit()?;
+                            Ok(done)
+                        }
+                        Err(e) => Err(format!("{e:#}")),
+                    })
+                })
+                .collect()
         }
     }
-    tx.commit()?;
-    Ok(results)
+}
+
+/// Stores one job's resources in the open transaction `tx`.
+fn store_job(tx: &Connection, job: &Job) -> Result<Vec<Upserted>> {
+    let tid = super::tenant_id(tx, &job.tenant, true)?
+        .ok_or_else(|| anyhow::anyhow!("tenant {} could not be created", job.tenant))?;
+    job.resources
+        .iter()
+        .map(|res| Ok(store::upsert(tx, tid, res.clone(), job.now_ms)?))
+        .collect()
 }
 
 #[cfg(test)]
