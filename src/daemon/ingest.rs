@@ -203,7 +203,7 @@ fn collect(
         }
         let id = match res.get("id") {
             None => {
-                let id = crate::audit::log::uuid_v4().map_err(|e| format!("{e:#}"))?;
+                let id = crate::audit::log::new_id().map_err(|e| format!("{e:#}"))?;
                 res["id"] = json!(id);
                 id
             }

@@ -425,7 +425,7 @@ impl Runtime {
     /// Runs one call and records it.
     pub fn call(&self, req: &CallRequest) -> Result<CallOutput, CallError> {
         let started = Instant::now();
-        let call_id = match crate::audit::log::uuid_v4() {
+        let call_id = match crate::audit::log::new_id() {
             Ok(id) => id,
             Err(e) => return Err(CallError::Internal(format!("{e:#}"))),
         };
