@@ -44,7 +44,10 @@ fn c_example_bundle_is_reproducible() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("elsewhere/allergy-check");
     copy_dir(&repo().join("plugins/allergy-check"), &src);
-    let out = Command::new(src.join("build.sh"))
+    // Run through bash rather than exec'ing the copy just written: another
+    // test's fork can briefly hold it open for writing (ETXTBSY).
+    let out = Command::new("bash")
+        .arg(src.join("build.sh"))
         .arg(&src)
         .arg(tmp.path().join("out"))
         .output()
