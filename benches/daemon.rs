@@ -190,6 +190,8 @@ impl Conn {
 
 struct Outcome {
     lat_ms: Vec<f64>,
+    /// (second of the run the request was due in, latency ms), open loop.
+    by_second: Vec<(u64, f64)>,
     errors: u64,
     not_scored: u64,
     sent: u64,
@@ -200,6 +202,7 @@ impl Outcome {
     fn new(secs: u64) -> Outcome {
         Outcome {
             lat_ms: Vec::new(),
+            by_second: Vec::new(),
             errors: 0,
             not_scored: 0,
             sent: 0,
@@ -234,14 +237,15 @@ fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
                 }
                 let body = observation(&bodies, k);
                 let (ok, scored) = conn.post(&body);
-                local.push(due.elapsed().as_secs_f64() * 1e3);
+                local.push(((due - start).as_secs(), due.elapsed().as_secs_f64() * 1e3));
                 errors += u64::from(!ok);
                 not_scored += u64::from(ok && !scored);
                 k += 1;
             }
             let mut o = out.lock().unwrap();
             o.sent += local.len() as u64;
-            o.lat_ms.extend(local);
+            o.lat_ms.extend(local.iter().map(|(_, ms)| ms));
+            o.by_second.extend(local);
             o.errors += errors;
             o.not_scored += not_scored;
         }));
@@ -314,6 +318,28 @@ fn report(what: &str, mut o: Outcome) {
         o.errors,
         o.not_scored
     );
+    // BENCH_TIMELINE=1: p99 and max of each second of an open-loop run, to
+    // tell a stall (one bad second) from a steady queue (every second).
+    if std::env::var_os("BENCH_TIMELINE").is_some() && !o.by_second.is_empty() {
+        let last = o.by_second.iter().map(|(s, _)| *s).max().unwrap_or(0);
+        for sec in 0..=last {
+            let mut v: Vec<f64> = o
+                .by_second
+                .iter()
+                .filter(|(s, _)| *s == sec)
+                .map(|(_, ms)| *ms)
+                .collect();
+            if !v.is_empty() {
+                println!(
+                    "  second {sec:3}: {:5} requests, p50 {:7.2} ms, p99 {:7.2} ms, max {:7.2} ms",
+                    v.len(),
+                    pct(&mut v, 0.5),
+                    pct(&mut v, 0.99),
+                    pct(&mut v, 1.0)
+                );
+            }
+        }
+    }
 }
 
 fn start_to_ready(runs: usize) {

@@ -4,21 +4,28 @@
 //! SQLite's automatic checkpoint runs inside the commit that crosses its
 //! threshold: that commit, and every caller queued behind it, waits while
 //! thousands of pages are copied back into the database file and fsynced
-//! (10–20 ms for `fhir.db` under device ingest). Instead:
+//! (10–20 ms for `fhir.db` under device ingest, growing with the file).
+//! Instead:
 //!
 //! 1. the writer's connection has no automatic checkpoint; a WAL hook tells
 //!    the writer how many frames the WAL holds after each commit;
-//! 2. past `start_at` frames the writer wakes a checkpointer thread, which
-//!    runs a PASSIVE checkpoint on its own connection while the writer
-//!    goes on committing (WAL mode lets them run side by side);
-//! 3. when that is done the writer checkpoints the few frames committed
-//!    meanwhile itself, between two groups. The WAL is then fully copied
-//!    back, and the writer's next transaction starts it again from the
-//!    beginning, so it stays near `start_at` frames instead of growing.
+//! 2. while the WAL holds `start_at` frames or more, the writer wakes a
+//!    checkpointer thread after each commit (unless it is still busy),
+//!    which runs a PASSIVE checkpoint on its own connection while the
+//!    writer goes on (WAL mode lets them run side by side). The first
+//!    round copies most of the WAL; the next ones copy the little that was
+//!    committed meanwhile, and soon one finishes while the writer gathers
+//!    its next group;
+//! 3. the writer's next transaction then finds the WAL fully copied back
+//!    and starts it again from the beginning, so it stays near `start_at`
+//!    frames instead of growing;
+//! 4. only if that keeps failing (readers always in the way) and the WAL
+//!    reaches `4 × start_at` frames does the writer itself run a RESTART
+//!    checkpoint, waiting for readers: the WAL stays bounded.
 //!
 //! Invariants: checkpoints never touch durability (a commit is durable in
 //! the WAL before any of this runs); a failed checkpoint is logged and
-//! retried at the next threshold, never fatal; the thread ends when the
+//! retried after a later commit, never fatal; the thread ends when the
 //! [`Checkpointer`] is dropped.
 
 use std::cell::Cell;
@@ -46,7 +53,6 @@ pub struct Checkpointer {
     start_at: i64,
     busy: Arc<AtomicBool>,
     wake: mpsc::SyncSender<()>,
-    tail_due: bool,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -91,31 +97,33 @@ impl Checkpointer {
             start_at: start_at.max(1),
             busy,
             wake,
-            tail_due: false,
         })
     }
 
-    /// After a commit on the writer connection: starts a background
-    /// checkpoint when the WAL has grown past the threshold, or, once one
-    /// has finished, checkpoints what was committed while it ran.
+    /// After a commit on the writer connection: wakes the checkpointer
+    /// while the WAL is over the threshold (and it is idle), or, past four
+    /// times the threshold, checkpoints and restarts the WAL itself.
     pub fn after_commit(&mut self, writer: &Connection) {
-        if self.busy.load(Ordering::Acquire) {
+        let frames = WAL_FRAMES.with(Cell::get);
+        if frames < self.start_at || self.busy.load(Ordering::Acquire) {
             return;
         }
-        if self.tail_due {
-            self.tail_due = false;
-            if let Err(e) = passive(writer) {
+        if frames >= self.start_at.saturating_mul(4) {
+            log::info!(
+                "{}: WAL at {frames} frames, checkpointing in the writer",
+                self.name
+            );
+            if let Err(e) = writer
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                .context("PRAGMA wal_checkpoint(RESTART)")
+            {
                 log::warn!("{}: checkpoint failed (retried later): {e:#}", self.name);
             }
             return;
         }
-        if WAL_FRAMES.with(Cell::get) >= self.start_at {
-            self.busy.store(true, Ordering::Release);
-            if self.wake.try_send(()).is_ok() {
-                self.tail_due = true;
-            } else {
-                self.busy.store(false, Ordering::Release);
-            }
+        self.busy.store(true, Ordering::Release);
+        if self.wake.try_send(()).is_err() {
+            self.busy.store(false, Ordering::Release);
         }
     }
 }
@@ -163,9 +171,9 @@ mod tests {
                 }
             }
         }
-        // Without checkpoints 2,000 single-page commits leave 2,000+ frames;
-        // restarted after each round, the WAL file never grows much past
-        // the threshold.
+        // Without checkpoints 2,000 single-page commits leave 2,000+ frames.
+        // Restarted after background rounds, the WAL file never reaches the
+        // 4 × 100 frames at which the writer would have to step in.
         let frames = wal_frames(&path);
         assert!(frames < 400, "WAL file holds {frames} frames");
         let n: i64 = open()
