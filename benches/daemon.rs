@@ -139,14 +139,20 @@ impl Conn {
         }
     }
 
-    fn try_post(&mut self, body: &[u8]) -> std::io::Result<(bool, bool)> {
-        use std::io::{BufRead, Read, Write};
+    /// Opens the connection, if it is not open.
+    fn connect(&mut self) -> std::io::Result<()> {
         if self.io.is_none() {
             let s = std::net::TcpStream::connect(&self.addr)?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
             self.io = Some(std::io::BufReader::new(s));
         }
+        Ok(())
+    }
+
+    fn try_post(&mut self, body: &[u8]) -> std::io::Result<(bool, bool)> {
+        use std::io::{BufRead, Read, Write};
+        self.connect()?;
         let io = self.io.as_mut().ok_or(std::io::ErrorKind::NotConnected)?;
         let mut req = Vec::with_capacity(self.head.len() + body.len() + 16);
         req.extend_from_slice(self.head.as_bytes());
@@ -213,14 +219,21 @@ impl Outcome {
 
 fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
     let out = Arc::new(Mutex::new(Outcome::new(secs)));
+    // Every device's bodies are built and its connection opened before the
+    // clock starts: the load generator's own start-up is not measured.
+    let ready: Vec<(Vec<String>, Conn)> = (0..devices)
+        .map(|i| {
+            let mut conn = Conn::new(&d.base, "/fhir/Observation", token);
+            conn.connect().expect("connect");
+            (device_bodies(&format!("d{i:04}")), conn)
+        })
+        .collect();
     let start = Instant::now() + Duration::from_millis(200);
     let period = Duration::from_millis(100);
     let mut threads = Vec::new();
-    for i in 0..devices {
+    for (i, (bodies, mut conn)) in ready.into_iter().enumerate() {
         let out = out.clone();
-        let mut conn = Conn::new(&d.base, "/fhir/Observation", token);
         threads.push(std::thread::spawn(move || {
-            let bodies = device_bodies(&format!("d{i:04}"));
             // Devices are spread evenly over the 100 ms period.
             let offset = period * i as u32 / devices as u32;
             let mut local = Vec::new();

@@ -138,6 +138,12 @@ pub fn run(
         n => n,
     };
     let fhir_writer = crate::fhir::writer::Writer::open(&dir, &config.limits)?;
+    let warm_dir = dir.clone();
+    let workers = workers::Workers::start(limits_workers, move || {
+        if let Err(e) = crate::runtime::conns::warm(&warm_dir) {
+            log::warn!("api worker: cannot open the databases yet: {e:#}");
+        }
+    })?;
     let app = Arc::new(App {
         rt,
         config: RwLock::new(Arc::new(config)),
@@ -148,7 +154,7 @@ pub fn run(
         inbox,
         fhir_writer,
         stop: Stop::default(),
-        workers: workers::Workers::start(limits_workers)?,
+        workers,
     });
 
     let signals = signal_hook::iterator::Signals::new([

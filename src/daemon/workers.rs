@@ -16,15 +16,19 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `n` worker threads. They end when the `Workers` is dropped
-    /// and the queue is empty.
-    pub fn start(n: usize) -> Result<Workers> {
+    /// Starts `n` worker threads, each of which first runs `warm` (opens
+    /// its database connections, say) so that the first requests after a
+    /// start do not all pay for it at once. They end when the `Workers` is
+    /// dropped and the queue is empty.
+    pub fn start(n: usize, warm: impl Fn() + Clone + Send + 'static) -> Result<Workers> {
         let (tx, rx) = smol::channel::unbounded::<Job>();
         for i in 0..n.max(1) {
             let rx = rx.clone();
+            let warm = warm.clone();
             std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
+                    warm();
                     while let Ok(job) = rx.recv_blocking() {
                         job();
                     }

@@ -35,6 +35,18 @@ pub enum Db {
     Fhir,
 }
 
+/// Opens this thread's connections to `dir` ahead of their first use, and
+/// reads each schema (SQLite parses it on a connection's first statement).
+pub fn warm(dir: &DataDir) -> Result<()> {
+    for db in [Db::State, Db::Audit, Db::Fhir] {
+        with(dir, db, |c| {
+            c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
 /// Runs `f` with this thread's connection to `db` of `dir`.
 pub fn with<T>(dir: &DataDir, db: Db, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
     CONNS.with(|cell| {
