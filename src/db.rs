@@ -14,6 +14,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 use thiserror::Error;
 
+/// How long a connection waits for another's lock before it reports busy.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A database could not be opened or migrated.
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -52,7 +55,7 @@ pub fn open(path: &Path, migrations: &[&str], create: bool) -> Result<Connection
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
     let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(err)?;
     conn.pragma_update(None, "synchronous", "FULL")

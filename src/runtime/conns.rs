@@ -2,7 +2,8 @@
 //!
 //! Opening a database (and checking its migrations) costs far more than a
 //! call; each thread keeps one connection to each of `state.db`, `audit.db`
-//! and `fhir.db` of one data dir, opened on first use. Invariant: a
+//! and `fhir.db` of one data dir, opened on first use (an API worker opens
+//! them when it starts, [`warm`]). Invariant: a
 //! connection is only used by the thread that opened it.
 
 use std::cell::RefCell;
