@@ -184,37 +184,71 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// A WAL-mode test database with one table, its writer connection and
+    /// the writer's checkpointer.
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        path: std::path::PathBuf,
+        writer: Connection,
+        ck: Checkpointer,
+    }
+
+    impl Fixture {
+        fn new(start_at: i64) -> Fixture {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("t.db");
+            let writer = open_wal(&path);
+            writer.execute_batch("CREATE TABLE t (x BLOB)").unwrap();
+            let ck = Checkpointer::start("test", &writer, open_wal(&path), start_at).unwrap();
+            Fixture {
+                _tmp: tmp,
+                path,
+                writer,
+                ck,
+            }
+        }
+
+        /// Commits one single-page row, calls `after_commit` and returns
+        /// how long that took; then lets the background round finish, as
+        /// it would between two groups.
+        fn commit(&mut self) -> Duration {
+            self.writer
+                .execute("INSERT INTO t VALUES (?1)", [&vec![7u8; 3000]])
+                .unwrap();
+            let t = std::time::Instant::now();
+            self.ck.after_commit(&self.writer);
+            let took = t.elapsed();
+            while self.ck.busy.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            took
+        }
+
+        fn open(&self) -> Connection {
+            open_wal(&self.path)
+        }
+    }
+
+    fn open_wal(path: &std::path::Path) -> Connection {
+        let c = Connection::open(path).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        c.busy_timeout(crate::db::BUSY_TIMEOUT).unwrap();
+        c
+    }
+
     #[test]
     fn the_wal_is_checkpointed_in_the_background_and_restarted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("t.db");
-        let open = || {
-            let c = Connection::open(&path).unwrap();
-            c.pragma_update(None, "journal_mode", "WAL").unwrap();
-            c
-        };
-        let writer = open();
-        writer.execute_batch("CREATE TABLE t (x BLOB)").unwrap();
-        let mut ck = Checkpointer::start("test", &writer, open(), 100).unwrap();
-        let blob = vec![7u8; 3000];
+        let mut f = Fixture::new(100);
         for _ in 0..2000 {
-            writer
-                .execute("INSERT INTO t VALUES (?1)", [&blob])
-                .unwrap();
-            ck.after_commit(&writer);
-            // Let the background thread keep up, as it would between groups.
-            if ck.busy.load(Ordering::Acquire) {
-                while ck.busy.load(Ordering::Acquire) {
-                    std::thread::yield_now();
-                }
-            }
+            f.commit();
         }
         // Without checkpoints 2,000 single-page commits leave 2,000+ frames.
         // Restarted after background rounds, the WAL file never reaches the
         // 4 × 100 frames at which the writer would have to step in.
-        let frames = wal_frames(&path);
+        let frames = wal_frames(&f.path);
         assert!(frames < 400, "WAL file holds {frames} frames");
-        let n: i64 = open()
+        let n: i64 = f
+            .open()
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 2000);
@@ -222,45 +256,24 @@ mod tests {
 
     #[test]
     fn a_reader_in_the_way_delays_the_restart_without_stalling_the_writer() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("t.db");
-        let open = || {
-            let c = Connection::open(&path).unwrap();
-            c.pragma_update(None, "journal_mode", "WAL").unwrap();
-            c.busy_timeout(crate::db::BUSY_TIMEOUT).unwrap();
-            c
-        };
-        let writer = open();
-        writer.execute_batch("CREATE TABLE t (x BLOB)").unwrap();
-        let mut ck = Checkpointer::start("test", &writer, open(), 50).unwrap();
-        let commit = |ck: &mut Checkpointer| {
-            writer
-                .execute("INSERT INTO t VALUES (?1)", [&vec![7u8; 3000]])
-                .unwrap();
-            let t = std::time::Instant::now();
-            ck.after_commit(&writer);
-            let took = t.elapsed();
-            while ck.busy.load(Ordering::Acquire) {
-                std::thread::yield_now();
-            }
-            took
-        };
+        let mut f = Fixture::new(50);
         // A reader keeps the snapshot of the WAL's first frames: no round
         // can copy the WAL back whole, and it grows past 4 × 50 frames.
-        let reader = open();
+        let reader = f.open();
         reader
             .execute_batch("BEGIN; SELECT count(*) FROM t;")
             .unwrap();
-        let worst = (0..400).map(|_| commit(&mut ck)).max().unwrap();
+        let worst = (0..400).map(|_| f.commit()).max().unwrap();
         assert!(
             worst < Duration::from_secs(2),
             "the writer waited {worst:?} in one checkpoint"
         );
         reader.execute_batch("COMMIT").unwrap();
         for _ in 0..400 {
-            commit(&mut ck);
+            f.commit();
         }
-        let frames: i64 = open()
+        let frames: i64 = f
+            .open()
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
             .unwrap();
         assert!(frames < 200, "the WAL still holds {frames} frames");
