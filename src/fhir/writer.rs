@@ -193,6 +193,45 @@ mod tests {
     }
 
     #[test]
+    fn a_group_with_refused_callers_stores_all_the_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        dir.init().unwrap();
+        let mut conn = crate::fhir::open(&dir).unwrap();
+        let bad = json!({"resourceType": "Observation", "id": "bad id"});
+        let job = |resources: Vec<Value>| Job {
+            tenant: "t1".into(),
+            resources,
+            now_ms: 0,
+            reply: mpsc::sync_channel(1).0,
+        };
+        // One group of five: the 2nd and 4th callers are refused.
+        let group = [
+            job(vec![obs("a1", "p1"), obs("a2", "p1")]),
+            job(vec![obs("b1", "p1"), bad.clone()]),
+            job(vec![obs("c1", "p2")]),
+            job(vec![bad]),
+            job(vec![obs("e1", "p2")]),
+        ];
+        let results = store_group(&mut conn, &group).unwrap();
+        let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+        assert_eq!(ok, [true, false, true, false, true]);
+        assert!(
+            results[1].as_ref().unwrap_err().contains("bad id"),
+            "{results:?}"
+        );
+        let ids: Vec<String> = conn
+            .prepare("SELECT id FROM resources ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // Nothing of a refused caller, all of every other one.
+        assert_eq!(ids, ["a1", "a2", "c1", "e1"]);
+    }
+
+    #[test]
     fn concurrent_callers_are_each_stored_whole_or_refused_alone() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path());
