@@ -195,9 +195,8 @@ impl Conn {
 }
 
 struct Outcome {
-    lat_ms: Vec<f64>,
-    /// (second of the run the request was due in, latency ms), open loop.
-    by_second: Vec<(u64, f64)>,
+    /// (second of the run the request was due or sent in, latency ms).
+    lat: Vec<(u64, f64)>,
     errors: u64,
     not_scored: u64,
     sent: u64,
@@ -207,8 +206,7 @@ struct Outcome {
 impl Outcome {
     fn new(secs: u64) -> Outcome {
         Outcome {
-            lat_ms: Vec::new(),
-            by_second: Vec::new(),
+            lat: Vec::new(),
             errors: 0,
             not_scored: 0,
             sent: 0,
@@ -257,8 +255,7 @@ fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
             }
             let mut o = out.lock().unwrap();
             o.sent += local.len() as u64;
-            o.lat_ms.extend(local.iter().map(|(_, ms)| ms));
-            o.by_second.extend(local);
+            o.lat.extend(local);
             o.errors += errors;
             o.not_scored += not_scored;
         }));
@@ -289,7 +286,8 @@ fn closed_loop(d: &Daemon, token: &str, conns: usize, patients: usize, secs: u64
             }
         })
         .collect();
-    let end = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
     let mut threads = Vec::new();
     for bodies in all {
         let out = out.clone();
@@ -302,13 +300,13 @@ fn closed_loop(d: &Daemon, token: &str, conns: usize, patients: usize, secs: u64
                 let body = observation(&bodies[k as usize % bodies.len()], k);
                 let t = Instant::now();
                 let (ok, _) = conn.post(&body);
-                local.push(t.elapsed().as_secs_f64() * 1e3);
+                local.push(((t - start).as_secs(), t.elapsed().as_secs_f64() * 1e3));
                 errors += u64::from(!ok);
                 k += 1;
             }
             let mut o = out.lock().unwrap();
             o.sent += local.len() as u64;
-            o.lat_ms.extend(local);
+            o.lat.extend(local);
             o.errors += errors;
         }));
     }
@@ -318,39 +316,35 @@ fn closed_loop(d: &Daemon, token: &str, conns: usize, patients: usize, secs: u64
     Arc::try_unwrap(out).ok().unwrap().into_inner().unwrap()
 }
 
-fn report(what: &str, mut o: Outcome) {
+fn report(what: &str, o: Outcome) {
     let rate = o.sent as f64 / o.secs;
+    let mut all: Vec<f64> = o.lat.iter().map(|(_, ms)| *ms).collect();
     println!(
         "{what}: {} requests in {:.0} s = {rate:.0}/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; {} errors, {} answered without a RiskAssessment",
         o.sent,
         o.secs,
-        pct(&mut o.lat_ms, 0.50),
-        pct(&mut o.lat_ms, 0.99),
-        pct(&mut o.lat_ms, 0.999),
-        pct(&mut o.lat_ms, 1.0),
+        pct(&mut all, 0.50),
+        pct(&mut all, 0.99),
+        pct(&mut all, 0.999),
+        pct(&mut all, 1.0),
         o.errors,
         o.not_scored
     );
-    // BENCH_TIMELINE=1: p99 and max of each second of an open-loop run, to
+    // BENCH_TIMELINE=1: p50, p99 and max of each second of the run, to
     // tell a stall (one bad second) from a steady queue (every second).
-    if std::env::var_os("BENCH_TIMELINE").is_some() && !o.by_second.is_empty() {
-        let last = o.by_second.iter().map(|(s, _)| *s).max().unwrap_or(0);
-        for sec in 0..=last {
-            let mut v: Vec<f64> = o
-                .by_second
-                .iter()
-                .filter(|(s, _)| *s == sec)
-                .map(|(_, ms)| *ms)
-                .collect();
-            if !v.is_empty() {
-                println!(
-                    "  second {sec:3}: {:5} requests, p50 {:7.2} ms, p99 {:7.2} ms, max {:7.2} ms",
-                    v.len(),
-                    pct(&mut v, 0.5),
-                    pct(&mut v, 0.99),
-                    pct(&mut v, 1.0)
-                );
-            }
+    if std::env::var_os("BENCH_TIMELINE").is_some() {
+        let mut by_second = std::collections::BTreeMap::<u64, Vec<f64>>::new();
+        for (sec, ms) in o.lat {
+            by_second.entry(sec).or_default().push(ms);
+        }
+        for (sec, mut v) in by_second {
+            println!(
+                "  second {sec:3}: {:5} requests, p50 {:7.2} ms, p99 {:7.2} ms, max {:7.2} ms",
+                v.len(),
+                pct(&mut v, 0.5),
+                pct(&mut v, 0.99),
+                pct(&mut v, 1.0)
+            );
         }
     }
 }
