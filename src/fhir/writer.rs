@@ -5,9 +5,9 @@
 //! One writer thread owns a `fhir.db` connection with `synchronous=FULL`.
 //! Callers hand it their resources and block; it takes everything queued,
 //! stores it all in one transaction, commits once (one fsync for the whole
-//! group) and answers every caller. So 200
-//! devices sending at once cost a handful of fsyncs, not 200, and no
-//! caller sleeps in SQLite's busy handler waiting for another's commit.
+//! group) and answers every caller. So 200 devices sending at once cost a
+//! handful of fsyncs, not 200, and no caller sleeps in SQLite's busy
+//! handler waiting for another's commit.
 //!
 //! Invariants:
 //! - a caller's resources are stored all or none, and one caller's failure

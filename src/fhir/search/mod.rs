@@ -256,23 +256,11 @@ fn lastn(
     // Groups from the highest (code, system) down: each seek lands on the
     // group's newest row, whose index page the group's own scan below then
     // finds in the cache.
-    let first_sql = format!(
-        "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn \
-         WHERE {} AND d.tid = ?1 AND d.patient = ?2 \
-         ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1",
-        sql::LASTN_ROWS
-    );
-    let next_sql = format!(
-        "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn \
-         WHERE {} AND d.tid = ?1 AND d.patient = ?2 AND (d.code, d.system) < (?3, ?4) \
-         ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1",
-        sql::LASTN_ROWS
-    );
     let mut group_sql = sql::build_lastn_group(q, tid, patient, scope, max);
     let mut group_stmt = conn.prepare_cached(&group_sql.text)?;
     let mut found: Vec<(i64, i64)> = Vec::new();
     let mut group: Option<(String, String)> = conn
-        .prepare_cached(&first_sql)?
+        .prepare_cached(sql::LASTN_FIRST_GROUP)?
         .query_row(rusqlite::params![tid, patient], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })
@@ -287,7 +275,7 @@ fn lastn(
             found.push(row?);
         }
         group = conn
-            .prepare_cached(&next_sql)?
+            .prepare_cached(sql::LASTN_NEXT_GROUP)?
             .query_row(rusqlite::params![tid, patient, code, system], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })

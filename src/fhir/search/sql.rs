@@ -301,8 +301,30 @@ fn push_filters(
 
 /// `Observation.code` rows, read through the partial index
 /// `idx_token_lastn` (schema migration 2): the literals must match its
-/// `WHERE` for SQLite to use it.
-pub(super) const LASTN_ROWS: &str = "d.type = 2 AND d.param = 1";
+/// `WHERE` for SQLite to use it. A macro, so that the group seeks below
+/// are whole literals (`concat!`).
+macro_rules! lastn_rows {
+    () => {
+        "d.type = 2 AND d.param = 1"
+    };
+}
+pub(super) const LASTN_ROWS: &str = lastn_rows!();
+
+/// `$lastn`'s first group: the highest (`code`, `system`) of the patient.
+pub(super) const LASTN_FIRST_GROUP: &str = concat!(
+    "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn WHERE ",
+    lastn_rows!(),
+    " AND d.tid = ?1 AND d.patient = ?2",
+    " ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1"
+);
+
+/// `$lastn`'s next group: the highest (`code`, `system`) below (?3, ?4).
+pub(super) const LASTN_NEXT_GROUP: &str = concat!(
+    "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn WHERE ",
+    lastn_rows!(),
+    " AND d.tid = ?1 AND d.patient = ?2 AND (d.code, d.system) < (?3, ?4)",
+    " ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1"
+);
 
 /// `$lastn` for one code group: the newest `max` rows of one (`system`,
 /// `code`) in the patient's compartment that pass every filter and scope,
