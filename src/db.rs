@@ -120,4 +120,23 @@ mod tests {
             })
         ));
     }
+
+    /// `.cargo/config.toml` builds SQLite without the two process-wide
+    /// locks every thread would queue on (see the comment there).
+    #[test]
+    fn sqlite_is_built_without_process_wide_locks() {
+        let c = Connection::open_in_memory().unwrap();
+        let opts: Vec<String> = c
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !opts.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{opts:?}"
+        );
+        assert!(opts.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"), "{opts:?}");
+    }
 }
