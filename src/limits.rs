@@ -60,6 +60,11 @@ pub struct Limits {
     pub search_max_count: usize,
     /// Longest search query string, in bytes (default 8 KiB).
     pub search_max_query_bytes: usize,
+    /// Most `state.db` reads an API worker thread keeps between requests
+    /// while `state.db` is unchanged (default 256; see
+    /// `runtime::conns`). Keys can come from request paths (plugin names),
+    /// so past this the memo starts over.
+    pub state_memo_entries: usize,
     /// Largest output a plugin call may return, in bytes (default 1 MiB).
     pub max_output_bytes: usize,
     /// Largest argument of a host function call, in bytes (default 64 KiB).
@@ -201,6 +206,7 @@ impl Default for Limits {
             search_default_count: 50,
             search_max_count: 500,
             search_max_query_bytes: 8 * 1024,
+            state_memo_entries: 256,
         }
     }
 }

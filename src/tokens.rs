@@ -106,7 +106,8 @@ pub struct Created {
     pub token: String,
 }
 
-fn hash(token: &str) -> [u8; 32] {
+/// What `state.db` keeps of a token: its SHA-256.
+pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
@@ -194,7 +195,7 @@ pub fn revoke(state: &Connection, id_or_name: &str) -> Result<String> {
 }
 
 /// Why a bearer token did not authenticate (all answered with 401).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
     /// No `Authorization: Bearer …` header.
     #[error("no bearer token")]

@@ -143,11 +143,22 @@ fn api_answers_by_token_role_and_tenant_and_records_refusals() {
         .unwrap_or(0.0);
     assert!(idle > 0.0, "{m}");
 
+    // A token revoked from the CLI (another process) while the daemon runs
+    // is refused from the very next request, on every API worker (each
+    // keeps a memo of state.db that this must empty).
+    for _ in 0..20 {
+        assert_eq!(d.get("/status", Some(&admin), &[]).status, 200);
+    }
+    b.ok(&["token", "revoke", "it"]);
+    for _ in 0..20 {
+        assert_eq!(d.get("/status", Some(&admin), &[]).status, 401);
+    }
+
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     // Every refusal is in the audit log, with the token when there was one.
     let denied = records(&b, "api.denied");
-    assert_eq!(denied.iter().filter(|r| r["status"] == 401).count(), 3);
+    assert_eq!(denied.iter().filter(|r| r["status"] == 401).count(), 3 + 20);
     assert_eq!(denied.iter().filter(|r| r["status"] == 403).count(), 3);
     assert!(denied.iter().any(|r| r["token_name"] == "monitor-1"));
     // The call is recorded with the token as requester.

@@ -155,6 +155,13 @@ pub fn handle(app: &App, peer: SocketAddr, parts: &Parts, body: &[u8]) -> (&'sta
             ),
         );
     }
+    // One look at state.db for the whole request; its token, plugin,
+    // grant and health reads then come from this thread's memo unless
+    // state.db changed (runtime::conns).
+    let env = app.rt.env();
+    let _scope = conns::begin_request(&env.dir, env.limits.state_memo_entries)
+        .map_err(|e| log::error!("api: state.db: {e:#}"))
+        .ok();
     let who = match authenticate(app, parts) {
         Ok(p) => p,
         Err(e) => {
@@ -216,7 +223,8 @@ fn authenticate(app: &App, parts: &Parts) -> Result<Principal, AuthError> {
         .ok_or(AuthError::Missing)?
         .1
         .trim();
-    conns::with(&app.rt.env().dir, Db::State, |state| {
+    let key = hex::encode(tokens::hash(token));
+    conns::memo(&app.rt.env().dir, "token", &key, |state| {
         Ok(tokens::authenticate(state, token))
     })
     .unwrap_or_else(|e| {

@@ -23,7 +23,6 @@ use super::api::{Reply, requester, run_call};
 use crate::audit::log::Entry;
 use crate::fhir::{self, store};
 use crate::runtime::CallRequest;
-use crate::runtime::conns::{self, Db};
 use crate::tokens::Principal;
 
 /// Handles an ingest request.
@@ -98,10 +97,8 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     // plugins granted something in this tenant (an ungranted one could
     // only answer with the host's denial).
     let granted = |plugin: &str| {
-        conns::with(&env.dir, Db::State, |s| {
-            Ok(!crate::runtime::grants::granted(s, &who.tenant, plugin)?.is_empty())
-        })
-        .unwrap_or(false)
+        crate::runtime::grants::granted_memo(&env.dir, &who.tenant, plugin)
+            .is_ok_and(|g| !g.is_empty())
     };
     let mut triggers = std::collections::BTreeSet::new();
     for (plugin, sub) in subs.iter().filter(|(p, _)| granted(p)) {

@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::conns;
 use crate::bundle::manifest::Manifest;
+use crate::datadir::DataDir;
 use crate::scopes::Scope;
 
 /// Records `scopes` for (tenant, plugin), refusing any scope the manifest
@@ -59,6 +61,14 @@ pub fn revoke_all(conn: &Connection, tenant: &str, plugin: &str) -> Result<usize
         "DELETE FROM plugin_grants WHERE tenant = ?1 AND plugin = ?2",
         params![tenant, plugin],
     )?)
+}
+
+/// [`granted`] through this thread's state memo (`runtime::conns`).
+pub fn granted_memo(dir: &DataDir, tenant: &str, plugin: &str) -> Result<Vec<Scope>> {
+    // Tenant names cannot hold '/', so the key is unambiguous.
+    conns::memo(dir, "grants", &format!("{tenant}/{plugin}"), |state| {
+        granted(state, tenant, plugin)
+    })
 }
 
 /// The scopes granted to `plugin` for `tenant`.
@@ -144,17 +154,19 @@ pub fn note_failure(
     Ok(false)
 }
 
-/// Resets the failure count after a successful call (no write if already 0).
-pub fn note_success(conn: &Connection, plugin: &str) -> Result<()> {
-    // Read first: the common case (no failures) then takes no write lock,
-    // so concurrent successful calls never queue on state.db.
-    let failing: bool = conn
+/// True if `plugin` has failed since its last success. Read before
+/// [`reset_failures`]: the common case (no failures) then takes no write
+/// lock, so concurrent successful calls never queue on state.db.
+pub fn failing(conn: &Connection, plugin: &str) -> Result<bool> {
+    Ok(conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM plugin_health WHERE plugin = ?1 AND consecutive_failures > 0)")?
-        .query_row([plugin], |r| r.get(0))?;
-    if failing {
-        conn.prepare_cached("UPDATE plugin_health SET consecutive_failures = 0 WHERE plugin = ?1 AND consecutive_failures > 0")?
-            .execute([plugin])?;
-    }
+        .query_row([plugin], |r| r.get(0))?)
+}
+
+/// Counts `plugin`'s consecutive failures from zero again.
+pub fn reset_failures(conn: &Connection, plugin: &str) -> Result<()> {
+    conn.prepare_cached("UPDATE plugin_health SET consecutive_failures = 0 WHERE plugin = ?1 AND consecutive_failures > 0")?
+        .execute([plugin])?;
     Ok(())
 }
 

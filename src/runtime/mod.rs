@@ -264,7 +264,7 @@ impl Runtime {
         // A concurrent install may replace (and clean up) the version we are
         // about to load; then the next attempt sees the newer one.
         for _ in 0..3 {
-            let digest: Option<String> = conns::with(&self.env.dir, Db::State, |state| {
+            let digest: Option<String> = conns::memo(&self.env.dir, "current", name, |state| {
                 Ok(state
                     .prepare_cached("SELECT current FROM plugins WHERE name = ?1")?
                     .query_row([name], |r| r.get(0))
@@ -314,7 +314,7 @@ impl Runtime {
 
     /// Installed plugins and their current manifest digests, by name.
     fn installed(&self) -> Result<Vec<(String, String)>> {
-        conns::with(&self.env.dir, Db::State, |state| {
+        conns::memo(&self.env.dir, "installed", "", |state| {
             let mut stmt =
                 state.prepare_cached("SELECT name, current FROM plugins ORDER BY name")?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -475,27 +475,36 @@ impl Runtime {
             })?;
         }
         let now = format_time(time::OffsetDateTime::now_utc());
-        let quarantined_now = conns::with(&self.env.dir, Db::State, |state| {
-            Ok(match &result {
-                Ok(_) => {
-                    grants::note_success(state, &req.plugin)?;
-                    false
+        let dir = &self.env.dir;
+        let quarantined_now = match &result {
+            Ok(_) => {
+                // No write (and no write lock) unless it had been failing.
+                let failing = conns::memo(dir, "failing", &req.plugin, |state| {
+                    grants::failing(state, &req.plugin)
+                });
+                if failing.unwrap_or(true) {
+                    let _ = conns::with(dir, Db::State, |state| {
+                        grants::reset_failures(state, &req.plugin)
+                    });
                 }
-                Err(CallError::Failed {
-                    message,
-                    misbehaved: true,
-                    ..
-                }) => grants::note_failure(
+                false
+            }
+            Err(CallError::Failed {
+                message,
+                misbehaved: true,
+                ..
+            }) => conns::with(dir, Db::State, |state| {
+                grants::note_failure(
                     state,
                     &req.plugin,
                     message,
                     self.env.limits.quarantine_after,
                     &now,
-                )?,
-                Err(_) => false,
+                )
             })
-        })
-        .unwrap_or(false);
+            .unwrap_or(false),
+            Err(_) => false,
+        };
         if quarantined_now {
             let body = serde_json::json!({
                 "action": "quarantine",
@@ -527,7 +536,7 @@ impl Runtime {
                 "a call needs a valid tenant and patient id".into(),
             ));
         }
-        let quarantine = conns::with(&self.env.dir, Db::State, |state| {
+        let quarantine = conns::memo(&self.env.dir, "quarantine", &req.plugin, |state| {
             grants::quarantined(state, &req.plugin)
         })
         .map_err(|e| CallError::Internal(format!("{e:#}")))?;
@@ -553,10 +562,8 @@ impl Runtime {
                 function: req.function.clone(),
             });
         }
-        let scopes = conns::with(&self.env.dir, Db::State, |state| {
-            grants::granted(state, &req.tenant, &req.plugin)
-        })
-        .map_err(|e| CallError::Internal(format!("{e:#}")))?;
+        let scopes = grants::granted_memo(&self.env.dir, &req.tenant, &req.plugin)
+            .map_err(|e| CallError::Internal(format!("{e:#}")))?;
         let ctx = Arc::new(CallCtx {
             call_id: call_id.to_owned(),
             tenant: req.tenant.clone(),
