@@ -97,7 +97,7 @@ pub struct Limits {
     pub quarantine_after: u32,
     /// How long a writer thread (audit log, device ingest) waits after the
     /// first queued request for more to share its commit and fsync, in µs
-    /// (default 1,000). 0 commits at once (src/group.rs).
+    /// (default 500). 0 commits at once (src/group.rs).
     pub group_commit_wait_us: u64,
     /// Audit records between signed checkpoints (default 1,000).
     pub audit_checkpoint_every: u32,
@@ -191,7 +191,7 @@ impl Default for Limits {
             max_table_elements: 100_000,
             max_instances_per_plugin: 8,
             idle_instances_mib: 512,
-            group_commit_wait_us: 1_000,
+            group_commit_wait_us: 500,
             pool_wait_ms: 2_000,
             quarantine_after: 5,
             audit_checkpoint_every: 1_000,
