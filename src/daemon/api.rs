@@ -23,7 +23,8 @@ use std::sync::atomic::Ordering;
 
 use hyper::Method;
 use hyper::http::request::Parts;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::App;
@@ -48,12 +49,15 @@ pub struct Reply {
 
 impl Reply {
     /// A JSON answer.
-    pub fn json(status: u16, v: &Value) -> Reply {
-        Reply {
-            status,
-            content_type: "application/json",
-            headers: vec![],
-            body: v.to_string().into_bytes(),
+    pub fn json(status: u16, v: &impl Serialize) -> Reply {
+        match serde_json::to_vec(v) {
+            Ok(body) => Reply {
+                status,
+                content_type: "application/json",
+                headers: vec![],
+                body,
+            },
+            Err(e) => Reply::error(500, "exception", &format!("cannot encode the answer: {e}")),
         }
     }
 
@@ -331,16 +335,52 @@ fn invoke(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         input,
     };
     match run_call(app, &call) {
-        Ok(out) => Reply::json(200, &out).header(
-            "X-Audit-Id",
-            out["call_id"].as_str().unwrap_or_default().to_owned(),
-        ),
+        Ok(out) => Reply::json(200, &out).header("X-Audit-Id", out.call_id.clone()),
         Err(reply) => reply,
     }
 }
 
+/// A successful call as the API answers it (fields in the order a JSON
+/// object of them always had: sorted).
+#[derive(Debug, Serialize)]
+pub struct CallAnswer {
+    /// The call's audit record id.
+    pub call_id: String,
+    /// The function called.
+    pub function: String,
+    /// What the plugin returned.
+    pub output: Output,
+    /// `Patient/<id>`, in device ingest's list of triggered calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    /// The plugin.
+    pub plugin: String,
+    /// Its version.
+    pub version: String,
+}
+
+/// A plugin's output: its JSON as the plugin wrote it (checked, not
+/// decoded and encoded again), or a JSON string if it is not JSON.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Output {
+    /// Valid JSON.
+    Json(Box<RawValue>),
+    /// Anything else, as text (invalid UTF-8 replaced).
+    Text(String),
+}
+
+impl Output {
+    fn new(bytes: &[u8]) -> Output {
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        RawValue::from_string(text.trim().to_owned())
+            .map(Output::Json)
+            .unwrap_or(Output::Text(text))
+    }
+}
+
 /// Runs a call, counting it; a success becomes the JSON the API returns.
-pub fn run_call(app: &App, call: &CallRequest) -> Result<Value, Reply> {
+pub fn run_call(app: &App, call: &CallRequest) -> Result<CallAnswer, Reply> {
     let started = std::time::Instant::now();
     let result = app.rt.call(call);
     let outcome = match &result {
@@ -353,18 +393,14 @@ pub fn run_call(app: &App, call: &CallRequest) -> Result<Value, Reply> {
     };
     app.metrics.call(&call.plugin, outcome, started.elapsed());
     match result {
-        Ok(out) => {
-            let text = String::from_utf8_lossy(&out.output);
-            let output = serde_json::from_str::<Value>(&text)
-                .unwrap_or_else(|_| Value::String(text.into_owned()));
-            Ok(json!({
-                "call_id": out.call_id,
-                "plugin": call.plugin,
-                "function": call.function,
-                "version": out.version,
-                "output": output,
-            }))
-        }
+        Ok(out) => Ok(CallAnswer {
+            call_id: out.call_id,
+            function: call.function.clone(),
+            output: Output::new(&out.output),
+            patient: None,
+            plugin: call.plugin.clone(),
+            version: out.version,
+        }),
         Err(e) => {
             let msg = e.to_string();
             Err(match e {

@@ -16,10 +16,11 @@
 //! 5. answer 201 with what was stored and each triggered call's output
 //!    (e.g. a NEWS2 `RiskAssessment`) or error.
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::App;
-use super::api::{Reply, requester, run_call};
+use super::api::{CallAnswer, Reply, requester, run_call};
 use crate::audit::log::Entry;
 use crate::fhir::{self, store};
 use crate::runtime::CallRequest;
@@ -40,11 +41,14 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     // A 201 means on disk: the writer commits with synchronous=FULL, in
     // one transaction (one fsync) with whatever other devices sent.
-    let stored = app.fhir_writer.store(
-        &who.tenant,
-        resources.iter().map(|(_, _, r)| r.clone()).collect(),
-        now_ms as i64,
-    );
+    let (refs, values): (Vec<(String, String)>, Vec<Value>) = resources
+        .into_iter()
+        .map(|(id, patient, res)| ((id, patient), res))
+        .unzip();
+    let values: std::sync::Arc<[Value]> = values.into();
+    let stored = app
+        .fhir_writer
+        .store(&who.tenant, values.clone(), now_ms as i64);
     let written = match stored {
         Ok(w) => w
             .into_iter()
@@ -57,12 +61,18 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     };
     // A resource resent unchanged (or older than what is stored) is not
     // stored again and triggers nothing; it is listed as `unchanged`.
-    let (resources, unchanged): (Vec<_>, Vec<_>) =
-        resources.into_iter().zip(written).partition(|(_, w)| *w);
-    let resources: Vec<_> = resources.into_iter().map(|(r, _)| r).collect();
+    let (resources, unchanged): (Vec<_>, Vec<_>) = refs
+        .into_iter()
+        .zip(values.iter())
+        .zip(written)
+        .partition(|(_, w)| *w);
+    let resources: Vec<(String, String, &Value)> = resources
+        .into_iter()
+        .map(|(((id, patient), res), _)| (id, patient, res))
+        .collect();
     let unchanged: Vec<String> = unchanged
         .into_iter()
-        .map(|((id, _, _), _)| format!("Observation/{id}"))
+        .map(|(((id, _), _), _)| format!("Observation/{id}"))
         .collect();
     app.metrics
         .ingested
@@ -122,17 +132,17 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
                 .into_bytes(),
         };
         triggered.push(match run_call(app, &call) {
-            Ok(mut v) => {
-                v["patient"] = json!(format!("Patient/{patient}"));
-                v
+            Ok(mut answer) => {
+                answer.patient = Some(format!("Patient/{patient}"));
+                Triggered::Answered(answer)
             }
-            Err(reply) => json!({
+            Err(reply) => Triggered::Refused(json!({
                 "plugin": plugin,
                 "function": function,
                 "patient": format!("Patient/{patient}"),
                 "status": reply.status,
                 "error": serde_json::from_slice::<Value>(&reply.body).unwrap_or(Value::Null),
-            }),
+            })),
         });
     }
     if let Err(e) = recorded.wait() {
@@ -140,8 +150,28 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     }
     Reply::json(
         201,
-        &json!({"stored": refs, "unchanged": unchanged, "triggered": triggered}),
+        &Answer {
+            stored: refs,
+            triggered,
+            unchanged,
+        },
     )
+}
+
+/// The 201 answer (fields sorted, as they always were).
+#[derive(Serialize)]
+struct Answer {
+    stored: Vec<String>,
+    triggered: Vec<Triggered>,
+    unchanged: Vec<String>,
+}
+
+/// One triggered call: its answer, or why it has none.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Triggered {
+    Answered(CallAnswer),
+    Refused(Value),
 }
 
 fn unrecorded(e: &anyhow::Error) -> Reply {
@@ -155,7 +185,7 @@ fn unrecorded(e: &anyhow::Error) -> Reply {
 
 /// The request's Observations as (id, patient, resource), all checked.
 fn collect(
-    doc: Value,
+    mut doc: Value,
     expect_bundle: bool,
     max: usize,
 ) -> Result<Vec<(String, String, Value)>, String> {
@@ -167,7 +197,7 @@ fn collect(
         if ty != "Bundle" {
             return Err(format!("resourceType: expected Bundle, got {ty:?}"));
         }
-        let Some(entries) = doc.get("entry").and_then(Value::as_array) else {
+        let Some(entries) = doc.get_mut("entry").and_then(Value::as_array_mut) else {
             return Err("Bundle.entry: missing or not an array".into());
         };
         if entries.is_empty() || entries.len() > max {
@@ -177,10 +207,10 @@ fn collect(
             ));
         }
         entries
-            .iter()
+            .iter_mut()
             .enumerate()
-            .map(|(i, e)| match e.get("resource") {
-                Some(r) => Ok((format!("Bundle.entry[{i}].resource"), r.clone())),
+            .map(|(i, e)| match e.get_mut("resource") {
+                Some(r) => Ok((format!("Bundle.entry[{i}].resource"), r.take())),
                 None => Err(format!("Bundle.entry[{i}]: no resource")),
             })
             .collect::<Result<_, _>>()?

@@ -396,7 +396,7 @@ fn import_ndjson_kind(
                         ))
                         .into());
                     }
-                    let u = store::upsert(batch.conn, tid, res, fallback)?;
+                    let u = store::upsert(batch.conn, tid, &res, fallback)?;
                     record_upsert(&mut report, &ty, u);
                 }
                 NdjsonKind::Deletions => {
@@ -595,7 +595,7 @@ fn import_bundle(
                 .ok_or(ResourceError::new("entry has no resource"))?;
             assign_id(&mut res, full_url.as_deref(), req_url.as_deref())?;
             let ty = store::identify(&res)?.0.to_owned();
-            let u = store::upsert(batch.conn, tid, res, opts.now_ms)?;
+            let u = store::upsert(batch.conn, tid, &res, opts.now_ms)?;
             record_upsert(&mut report, &ty, u);
             Ok(())
         })();

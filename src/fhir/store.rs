@@ -10,7 +10,8 @@
 //! tombstone keeps the row (with `deleted = 1`) but no JSON and no index rows.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde_json::Value;
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::params::{self as p, TypeDef};
@@ -70,17 +71,60 @@ pub fn identify(res: &Value) -> Result<(&str, &str), ResourceError> {
 }
 
 /// The content hash: SHA-256 of the compact JSON with `meta.versionId` and
-/// `meta.lastUpdated` removed (object keys serialise sorted).
+/// `meta.lastUpdated` removed, and `meta` too if that empties it (object
+/// keys serialise sorted).
 pub fn content_hash(res: &Value) -> [u8; 32] {
-    let mut v = res.clone();
-    if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
-        meta.remove("versionId");
-        meta.remove("lastUpdated");
-        if meta.is_empty() {
-            v.as_object_mut().map(|o| o.remove("meta"));
+    let Some(obj) = res.as_object() else {
+        return Sha256::digest(res.to_string().as_bytes()).into();
+    };
+    let meta = match obj.get("meta") {
+        Some(Value::Object(m)) => {
+            let rest: Map<String, Value> = m
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "versionId" | "lastUpdated"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (!rest.is_empty()).then_some(Value::Object(rest))
         }
+        other => other.cloned(),
+    };
+    Sha256::digest(WithMeta { obj, meta }.to_json()).into()
+}
+
+/// A resource object written with its `meta` replaced (or left out when
+/// `None`), without copying the resource. Keys stay sorted, exactly as
+/// `Value` writes them, so the bytes are those of the modified copy.
+struct WithMeta<'a> {
+    obj: &'a Map<String, Value>,
+    meta: Option<Value>,
+}
+
+impl WithMeta<'_> {
+    fn to_json(&self) -> Vec<u8> {
+        // Writing JSON values to memory cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
     }
-    Sha256::digest(v.to_string().as_bytes()).into()
+}
+
+impl Serialize for WithMeta<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        let mut meta = self.meta.as_ref();
+        for (k, v) in self.obj {
+            if k.as_str() >= "meta"
+                && let Some(m) = meta.take()
+            {
+                map.serialize_entry("meta", m)?;
+            }
+            if k != "meta" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        if let Some(m) = meta {
+            map.serialize_entry("meta", m)?;
+        }
+        map.end()
+    }
 }
 
 /// `meta.lastUpdated` in Unix ms, if present and valid.
@@ -99,13 +143,12 @@ pub fn last_updated_ms(res: &Value) -> Result<Option<i64>, ResourceError> {
 pub fn upsert(
     conn: &Connection,
     tid: i64,
-    mut res: Value,
+    res: &Value,
     fallback_ms: i64,
 ) -> Result<Upserted, StoreError> {
-    let (ty, id) = identify(&res)?;
-    let (ty, id) = (ty.to_owned(), id.to_owned());
-    let incoming_ms = last_updated_ms(&res)?.unwrap_or(fallback_ms);
-    let hash = content_hash(&res);
+    let (ty, id) = identify(res)?;
+    let incoming_ms = last_updated_ms(res)?.unwrap_or(fallback_ms);
+    let hash = content_hash(res);
     let existing: Option<(i64, i64, i64, Vec<u8>, bool)> = conn
         .prepare_cached(
             "SELECT rid, version_id, last_updated, hash, deleted FROM resources WHERE tid = ?1 AND type = ?2 AND id = ?3",
@@ -121,8 +164,7 @@ pub fn upsert(
         }
     }
     let version = existing.as_ref().map_or(1, |e| e.1 + 1);
-    set_meta(&mut res, version, incoming_ms);
-    let json = res.to_string();
+    let json = stored_json(res, version, incoming_ms);
     let rid = match &existing {
         Some((rid, ..)) => {
             conn.prepare_cached(
@@ -140,8 +182,8 @@ pub fn upsert(
             conn.last_insert_rowid()
         }
     };
-    if let Some(def) = p::type_def(&ty) {
-        write_index(conn, tid, rid, def, &id, &res)?;
+    if let Some(def) = p::type_def(ty) {
+        write_index(conn, tid, rid, def, id, res)?;
     }
     Ok(if existing.is_some() {
         Upserted::Updated
@@ -176,16 +218,34 @@ pub fn delete(
     }
 }
 
-fn set_meta(res: &mut Value, version: i64, ms: i64) {
-    if let Some(obj) = res.as_object_mut() {
-        let meta = obj
-            .entry("meta")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Some(m) = meta.as_object_mut() {
+/// The JSON stored for `res`: with `meta.versionId` and `meta.lastUpdated`
+/// set (a `meta` that is not an object is kept as it is).
+fn stored_json(res: &Value, version: i64, ms: i64) -> String {
+    let Some(obj) = res.as_object() else {
+        return res.to_string();
+    };
+    let meta = match obj.get("meta") {
+        None | Some(Value::Object(_)) => {
+            let mut m = obj
+                .get("meta")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
             m.insert("versionId".into(), Value::String(version.to_string()));
             m.insert("lastUpdated".into(), Value::String(date::format_millis(ms)));
+            Value::Object(m)
         }
-    }
+        Some(other) => other.clone(),
+    };
+    // serde_json writes valid UTF-8.
+    String::from_utf8(
+        WithMeta {
+            obj,
+            meta: Some(meta),
+        }
+        .to_json(),
+    )
+    .unwrap_or_default()
 }
 
 fn clear_index(conn: &Connection, rid: i64) -> rusqlite::Result<()> {
@@ -306,5 +366,51 @@ mod tests {
                 .0
                 .contains("not a valid FHIR id")
         );
+    }
+
+    /// The JSON written without copying the resource is byte for byte the
+    /// JSON of the modified copy (how it was made before), so stored hashes
+    /// stay comparable and stored JSON keeps its form.
+    #[test]
+    fn json_written_in_place_equals_the_modified_copy() {
+        fn copy_hash(res: &Value) -> [u8; 32] {
+            let mut v = res.clone();
+            if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
+                meta.remove("versionId");
+                meta.remove("lastUpdated");
+                if meta.is_empty() {
+                    v.as_object_mut().map(|o| o.remove("meta"));
+                }
+            }
+            Sha256::digest(v.to_string().as_bytes()).into()
+        }
+        fn copy_json(res: &Value, version: i64, ms: i64) -> String {
+            let mut v = res.clone();
+            let obj = v.as_object_mut().unwrap();
+            let meta = obj.entry("meta").or_insert_with(|| json!({}));
+            if let Some(m) = meta.as_object_mut() {
+                m.insert("versionId".into(), json!(version.to_string()));
+                m.insert("lastUpdated".into(), json!(date::format_millis(ms)));
+            }
+            v.to_string()
+        }
+        let cases = [
+            json!({"resourceType": "Observation", "id": "a"}),
+            json!({"resourceType": "Observation", "id": "a", "meta": {"versionId": "3"}}),
+            json!({"resourceType": "Observation", "id": "a",
+                   "meta": {"lastUpdated": "2030-01-01T00:00:00Z", "profile": ["x"]}}),
+            json!({"resourceType": "Observation", "meta": "odd", "id": "a"}),
+            json!({"id": "a", "language": "en", "metaX": 1, "me": 2, "resourceType": "Patient",
+                   "name": [{"family": "Ünïcødé \"quoted\""}]}),
+            json!({"a": 1}),
+        ];
+        for res in &cases {
+            assert_eq!(content_hash(res), copy_hash(res), "{res}");
+            assert_eq!(
+                stored_json(res, 7, 1_900_000_000_123),
+                copy_json(res, 7, 1_900_000_000_123),
+                "{res}"
+            );
+        }
     }
 }

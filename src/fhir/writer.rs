@@ -22,7 +22,7 @@
 //!   threshold;
 //! - the thread ends when the last [`Writer`] clone is dropped.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use anyhow::{Context, Result};
 use rusqlite::{Connection, TransactionBehavior};
@@ -42,7 +42,8 @@ const CHECKPOINT_AT: i64 = 8_000;
 
 struct Job {
     tenant: String,
-    resources: Vec<Value>,
+    /// Shared with the caller, who reads them again afterwards.
+    resources: Arc<[Value]>,
     now_ms: i64,
     reply: mpsc::SyncSender<Result<Vec<Upserted>, String>>,
 }
@@ -78,7 +79,12 @@ impl Writer {
     /// Stores `resources` in `tenant` (created if new) and returns, once
     /// they are durable, what each upsert did, in order. `now_ms` is the
     /// `lastUpdated` of resources that carry none.
-    pub fn store(&self, tenant: &str, resources: Vec<Value>, now_ms: i64) -> Result<Vec<Upserted>> {
+    pub fn store(
+        &self,
+        tenant: &str,
+        resources: Arc<[Value]>,
+        now_ms: i64,
+    ) -> Result<Vec<Upserted>> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.tx
             .send(Job {
@@ -175,7 +181,7 @@ fn store_job(tx: &Connection, job: &Job) -> Result<Vec<Upserted>> {
         .ok_or_else(|| anyhow::anyhow!("tenant {} could not be created", job.tenant))?;
     job.resources
         .iter()
-        .map(|res| Ok(store::upsert(tx, tid, res.clone(), job.now_ms)?))
+        .map(|res| Ok(store::upsert(tx, tid, res, job.now_ms)?))
         .collect()
 }
 
@@ -201,7 +207,7 @@ mod tests {
         let bad = json!({"resourceType": "Observation", "id": "bad id"});
         let job = |resources: Vec<Value>| Job {
             tenant: "t1".into(),
-            resources,
+            resources: resources.into(),
             now_ms: 0,
             reply: mpsc::sync_channel(1).0,
         };
@@ -247,7 +253,7 @@ mod tests {
                         // A resource the store refuses: this caller alone fails.
                         batch.push(json!({"resourceType": "Observation", "id": "bad id"}));
                     }
-                    (i, w.store("t1", batch, 0))
+                    (i, w.store("t1", batch.into(), 0))
                 })
             })
             .collect();
@@ -270,7 +276,7 @@ mod tests {
         );
         // A resend is unchanged, not a new version.
         assert_eq!(
-            w.store("t1", vec![obs("o1a", "p1")], 0).unwrap(),
+            w.store("t1", vec![obs("o1a", "p1")].into(), 0).unwrap(),
             vec![Upserted::Unchanged]
         );
     }
