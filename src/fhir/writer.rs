@@ -60,6 +60,16 @@ impl std::fmt::Debug for Writer {
     }
 }
 
+/// The writer's page cache, as SQLite's `cache_size` (negative: KiB):
+/// 4 MiB, not the 64 MiB of the searching connections. After every commit
+/// in which a B-tree split reordered its new pages (`balance_nonroot`
+/// swaps them through the lock-byte page's number, far beyond the end of
+/// the file), SQLite's page cache walks its whole hash table to drop pages
+/// past the end, so that walk costs in proportion to the cache. At 64 MiB
+/// it was a fifth of this thread's CPU; pages evicted from 4 MiB come back
+/// from the OS page cache for less. Measured in BENCHMARKS.md.
+const WRITER_CACHE_KIB: i64 = -4 * 1024;
+
 impl Writer {
     /// Opens `fhir.db` of `dir` for writing and starts the writer thread.
     pub fn open(dir: &DataDir, limits: &crate::limits::Limits) -> Result<Writer> {
@@ -67,6 +77,8 @@ impl Writer {
         let conn = super::open(dir)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .context("fhir.db: cannot set synchronous=FULL")?;
+        conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)
+            .context("fhir.db: cannot set cache_size")?;
         let ckpt = Checkpointer::start("fhir.db", &conn, super::open(dir)?, CHECKPOINT_AT)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
