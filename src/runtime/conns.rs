@@ -9,8 +9,8 @@
 //! ## The state memo
 //!
 //! Every API request reads the same few `state.db` rows (its token, the
-//! installed plugins, grants, quarantine and health), each in its own read
-//! transaction. Inside a request scope ([`begin_request`]) these reads go
+//! installed plugins and current versions, grants and quarantine), each in
+//! its own read transaction. Inside a request scope ([`begin_request`]) these reads go
 //! through [`memo`]: each thread keeps what it read, and drops all of it
 //! whenever `state.db` may have changed since. Invariants:
 //! - a request scope starts by asking SQLite whether any other connection
@@ -18,6 +18,11 @@
 //!   (`PRAGMA data_version`); if so the memo is emptied before the request
 //!   reads anything, so a revoked token or grant, an install or a
 //!   quarantine is seen by the very next request, as without the memo;
+//! - each plugin call checks again ([`recheck`]), so the second call
+//!   triggered by one ingest sees a quarantine or revoke that landed while
+//!   the first ran;
+//! - a read whose result proved stale is dropped ([`forget`]);
+//! - failed reads are never kept;
 //! - this thread's own writes (`total_changes`) empty it too;
 //! - outside a request scope (the CLI, sync loops, tests) [`memo`] always
 //!   reads the database;
@@ -136,15 +141,35 @@ impl Drop for RequestScope {
 /// `state.db` changed since it was filled. One read transaction.
 pub fn begin_request(dir: &DataDir, cap: usize) -> Result<RequestScope> {
     with_conns(dir, |c| {
-        let version: i64 = c
-            .state
-            .prepare_cached("PRAGMA data_version")?
-            .query_row([], |r| r.get(0))?;
-        c.memo.refresh((version, c.state.total_changes()));
+        check(c)?;
         c.memo.cap = cap;
         c.memo.active = true;
         Ok(RequestScope(()))
     })
+}
+
+/// Inside a request scope, checks `state.db` again (one read transaction)
+/// and empties the memo if it changed: each plugin call of a request sees
+/// a quarantine, revoke or install that landed while earlier ones ran.
+pub fn recheck(dir: &DataDir) -> Result<()> {
+    with_conns(dir, |c| if c.memo.active { check(c) } else { Ok(()) })
+}
+
+/// Drops the memo's entry for `kind` and `key`, which proved stale.
+pub fn forget(dir: &DataDir, kind: &'static str, key: &str) {
+    let _ = with_conns(dir, |c| {
+        c.memo.entries.remove(&(kind, key.to_owned()));
+        Ok(())
+    });
+}
+
+fn check(c: &mut Conns) -> Result<()> {
+    let version: i64 = c
+        .state
+        .prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))?;
+    c.memo.refresh((version, c.state.total_changes()));
+    Ok(())
 }
 
 /// `load(state.db)`, or what it returned earlier in a request scope while
@@ -245,6 +270,30 @@ mod tests {
         set_failures(&other, 3);
         let _r = begin_request(&f.dir, 16).unwrap();
         assert_eq!(f.read(), (3, true));
+    }
+
+    #[test]
+    fn recheck_sees_a_commit_made_during_the_request_and_forget_drops_one_entry() {
+        let f = Fixture::new();
+        let other = f.dir.open_state().unwrap();
+        let _r = begin_request(&f.dir, 16).unwrap();
+        assert_eq!(f.read(), (0, true));
+        set_failures(&other, 4);
+        assert_eq!(f.read(), (0, false), "within one step the memo stands");
+        recheck(&f.dir).unwrap();
+        assert_eq!(f.read(), (4, true), "the next plugin call sees it");
+        forget(&f.dir, "failures", "p");
+        assert_eq!(f.read(), (4, true), "forgotten: read again");
+        assert_eq!(f.read(), (4, false));
+    }
+
+    #[test]
+    fn a_failed_read_is_not_remembered() {
+        let f = Fixture::new();
+        let _r = begin_request(&f.dir, 16).unwrap();
+        let failed: Result<i64> = memo(&f.dir, "k", "x", |_| anyhow::bail!("disk I/O error"));
+        assert!(failed.is_err());
+        assert_eq!(memo(&f.dir, "k", "x", |_| Ok(7)).unwrap(), 7);
     }
 
     #[test]

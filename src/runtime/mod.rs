@@ -301,7 +301,11 @@ impl Runtime {
                     }
                     return Ok(loaded);
                 }
-                Err(e) => last_err = format!("cannot load {name}: {e:#}"),
+                Err(e) => {
+                    // Perhaps replaced meanwhile: read `current` again.
+                    conns::forget(&self.env.dir, "current", name);
+                    last_err = format!("cannot load {name}: {e:#}");
+                }
             }
         }
         Err(refused(last_err))
@@ -479,9 +483,10 @@ impl Runtime {
         let quarantined_now = match &result {
             Ok(_) => {
                 // No write (and no write lock) unless it had been failing.
-                let failing = conns::memo(dir, "failing", &req.plugin, |state| {
-                    grants::failing(state, &req.plugin)
-                });
+                // Read now, not from the memo: another call may have
+                // failed while this one ran.
+                let failing =
+                    conns::with(dir, Db::State, |state| grants::failing(state, &req.plugin));
                 if failing.unwrap_or(true) {
                     let _ = conns::with(dir, Db::State, |state| {
                         grants::reset_failures(state, &req.plugin)
@@ -536,6 +541,7 @@ impl Runtime {
                 "a call needs a valid tenant and patient id".into(),
             ));
         }
+        conns::recheck(&self.env.dir).map_err(|e| CallError::Internal(format!("{e:#}")))?;
         let quarantine = conns::memo(&self.env.dir, "quarantine", &req.plugin, |state| {
             grants::quarantined(state, &req.plugin)
         })
