@@ -208,45 +208,49 @@ pub enum AuthError {
     Revoked(String),
 }
 
-/// Looks a presented token up by its hash.
-pub fn authenticate(state: &Connection, presented: &str) -> Result<Principal, AuthError> {
+/// Looks a presented token up by its hash: the principal it stands for,
+/// or why it is refused. The outer `Err` is a `state.db` failure, which
+/// says nothing about the token (callers must not remember it as a
+/// refusal).
+pub fn authenticate(
+    state: &Connection,
+    presented: &str,
+) -> rusqlite::Result<Result<Principal, AuthError>> {
     if !presented.starts_with("cbx_") || presented.len() > 128 {
-        return Err(AuthError::Unknown);
+        return Ok(Err(AuthError::Unknown));
     }
     let row: Option<(String, String, String, String, String, Option<String>)> = state
         .prepare_cached(
             "SELECT id, name, role, tenant, scopes, revoked_at FROM api_tokens WHERE hash = ?1",
-        )
-        .and_then(|mut s| {
-            s.query_row([hash(presented).as_slice()], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })
-            .optional()
+        )?
+        .query_row([hash(presented).as_slice()], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
-        .map_err(|e| {
-            log::error!("token lookup failed: {e}");
-            AuthError::Unknown
-        })?;
-    let (id, name, role, tenant, scopes, revoked) = row.ok_or(AuthError::Unknown)?;
+        .optional()?;
+    let Some((id, name, role, tenant, scopes, revoked)) = row else {
+        return Ok(Err(AuthError::Unknown));
+    };
     if revoked.is_some() {
-        return Err(AuthError::Revoked(id));
+        return Ok(Err(AuthError::Revoked(id)));
     }
-    let role = role.parse().map_err(|_| AuthError::Unknown)?;
+    let Ok(role) = role.parse() else {
+        return Ok(Err(AuthError::Unknown));
+    };
     let scopes: Vec<String> = serde_json::from_str(&scopes).unwrap_or_default();
-    Ok(Principal {
+    Ok(Ok(Principal {
         id,
         name,
         role,
         tenant,
         scopes: scopes.iter().filter_map(|s| s.parse().ok()).collect(),
-    })
+    }))
 }
 
 /// Parses `--scope` values for `token create`.
@@ -272,7 +276,7 @@ mod tests {
     fn create_authenticate_revoke() {
         let (_d, db) = state();
         let t = create(&db, "monitor-1", Role::Device, "clinic-a", &[]).unwrap();
-        let p = authenticate(&db, &t.token).unwrap();
+        let p = authenticate(&db, &t.token).unwrap().unwrap();
         assert_eq!(
             (p.role, p.tenant.as_str(), p.id.as_str()),
             (Role::Device, "clinic-a", t.id.as_str())
@@ -285,13 +289,13 @@ mod tests {
         assert!(!list(&db).unwrap()[0].id.is_empty());
         assert!(matches!(
             authenticate(&db, "cbx_00_x"),
-            Err(AuthError::Unknown)
+            Ok(Err(AuthError::Unknown))
         ));
         assert!(create(&db, "monitor-1", Role::App, "clinic-a", &[]).is_err());
         revoke(&db, "monitor-1").unwrap();
         assert!(matches!(
             authenticate(&db, &t.token),
-            Err(AuthError::Revoked(_))
+            Ok(Err(AuthError::Revoked(_)))
         ));
     }
 

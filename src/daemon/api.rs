@@ -228,8 +228,9 @@ fn authenticate(app: &App, parts: &Parts) -> Result<Principal, AuthError> {
         .1
         .trim();
     let key = hex::encode(tokens::hash(token));
+    // A failed lookup is not remembered: the next request looks again.
     conns::memo(&app.rt.env().dir, "token", &key, |state| {
-        Ok(tokens::authenticate(state, token))
+        Ok(tokens::authenticate(state, token)?)
     })
     .unwrap_or_else(|e| {
         log::error!("api: token lookup: {e:#}");
@@ -364,7 +365,7 @@ pub struct CallAnswer {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Output {
-    /// Valid JSON.
+    /// JSON that `serde_json::Value` accepts.
     Json(Box<RawValue>),
     /// Anything else, as text (invalid UTF-8 replaced).
     Text(String),
@@ -373,9 +374,58 @@ pub enum Output {
 impl Output {
     fn new(bytes: &[u8]) -> Output {
         let text = String::from_utf8_lossy(bytes).into_owned();
-        RawValue::from_string(text.trim().to_owned())
-            .map(Output::Json)
-            .unwrap_or(Output::Text(text))
+        let json = text.trim_matches([' ', '\t', '\n', '\r']);
+        if serde_json::from_str::<StrictJson>(json).is_ok()
+            && let Ok(raw) = RawValue::from_string(json.to_owned())
+        {
+            return Output::Json(raw);
+        }
+        Output::Text(text)
+    }
+}
+
+/// Accepts what `serde_json::Value` accepts, without building it:
+/// `RawValue` alone only checks the syntax, and would pass on lone
+/// surrogate escapes, numbers out of range or nesting deeper than 128,
+/// which strict clients refuse (duplicate keys pass, as in `Value`).
+struct StrictJson;
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StrictJson, D::Error> {
+        d.deserialize_any(StrictJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictJson {
+    type Value = StrictJson;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_unit<E>(self) -> Result<StrictJson, E> {
+        Ok(StrictJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<StrictJson, A::Error> {
+        while a.next_element::<StrictJson>()?.is_some() {}
+        Ok(StrictJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<StrictJson, A::Error> {
+        while a.next_entry::<StrictJson, StrictJson>()?.is_some() {}
+        Ok(StrictJson)
     }
 }
 
@@ -636,4 +686,35 @@ fn status(app: &App) -> Reply {
         "inflight_requests": app.metrics.inflight.load(Ordering::Relaxed),
     });
     Reply::json(200, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Output;
+
+    fn kind(bytes: &[u8]) -> &'static str {
+        match Output::new(bytes) {
+            Output::Json(_) => "json",
+            Output::Text(_) => "text",
+        }
+    }
+
+    #[test]
+    fn plugin_output_passes_as_json_only_if_a_strict_parser_takes_it() {
+        assert_eq!(kind(br#" {"a":[1,2.5,"\u00e9",null,true]} "#), "json");
+        assert_eq!(kind(br#"{"a":1,"a":2}"#), "json");
+        // Syntax alone would pass these; serde_json::Value refuses them.
+        assert_eq!(kind(br#"{"a":"\ud800"}"#), "text");
+        assert_eq!(kind(br#"{"a":1e400}"#), "text");
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(kind(deep.as_bytes()), "text");
+        // Nothing may follow the value (it cannot add fields to the answer).
+        assert_eq!(kind(br#"{"a":1}, "patient":"x""#), "text");
+        assert_eq!(kind(b"not json"), "text");
+        assert_eq!(kind(b"\xff\xfe"), "text");
+        match Output::new(br#"{"b": 1}"#) {
+            Output::Json(raw) => assert_eq!(raw.get(), r#"{"b": 1}"#),
+            Output::Text(t) => panic!("taken as text: {t}"),
+        }
+    }
 }
