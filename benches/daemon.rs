@@ -14,6 +14,10 @@
 //!    posting back to back for 15 s.
 //! 3. Start to `READY=1` with 50 installed plugins (code cache warm, as
 //!    after any restart), 15 starts; beside it, a bare process start.
+//! 4. The disk itself: `BENCH_FSYNC_SECS` (10) seconds of 4 KiB writes each
+//!    followed by an fsync, in the bench's temp dir, as the ingest's group
+//!    commit does. Every device answer waits for one fsync, so a machine
+//!    whose own fsyncs stall shows those stalls in the ingest's p99.
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
@@ -404,19 +408,107 @@ fn start_to_ready(runs: usize) {
     );
 }
 
+/// Latency of 4 KiB write + fsync pairs on the disk the daemon uses.
+fn fsync_probe(secs: u64) {
+    use std::io::Write;
+    if secs == 0 {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut f = std::fs::File::create(dir.path().join("probe")).expect("probe file");
+    let block = [0x5au8; 4096];
+    let (mut lat, start) = (Vec::new(), Instant::now());
+    while start.elapsed() < Duration::from_secs(secs) {
+        f.write_all(&block).expect("write");
+        let t = Instant::now();
+        f.sync_all().expect("fsync");
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let slow = lat.iter().filter(|ms| **ms > 20.0).count();
+    println!(
+        "disk: {} write+fsync in {secs} s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.1} ms; {slow} over 20 ms",
+        lat.len(),
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99),
+        pct(&mut lat, 0.999),
+        pct(&mut lat, 1.0)
+    );
+}
+
+/// CPU time (ms) of each thread of `pid`, summed by thread name with its
+/// number stripped (`worker-7` → `worker`), from `/proc/<pid>/task`.
+fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let tick_ms = 1000.0 / 100.0; // USER_HZ, 100 on Linux
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.path().join("comm")),
+            std::fs::read_to_string(t.path().join("stat")),
+        ) else {
+            continue;
+        };
+        // Fields after the ")" that ends the name: utime and stime are the
+        // 12th and 13th.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11..13).map_or(0.0, |v| {
+            v.iter().filter_map(|x| x.parse::<f64>().ok()).sum()
+        });
+        let name = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
+        *out.entry(name.trim_end_matches('-').to_owned())
+            .or_insert(0.0) += ticks * tick_ms;
+    }
+    out
+}
+
+/// Prints the daemon's CPU per request, by thread, between two readings.
+fn report_cpu(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+    requests: u64,
+) {
+    let mut parts: Vec<(f64, &str)> = after
+        .iter()
+        .map(|(k, v)| {
+            (
+                (v - before.get(k).unwrap_or(&0.0)) / requests as f64,
+                k.as_str(),
+            )
+        })
+        .filter(|(ms, _)| *ms >= 0.001)
+        .collect();
+    let total: f64 = parts.iter().map(|(ms, _)| ms).sum();
+    parts.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let list: Vec<String> = parts.iter().map(|(ms, k)| format!("{k} {ms:.3}")).collect();
+    println!(
+        "  daemon CPU per request: {total:.3} ms ({})",
+        list.join(", ")
+    );
+}
+
 fn main() {
+    fsync_probe(env_n("BENCH_FSYNC_SECS", 10));
     let devices = env_n("BENCH_DEVICES", 200) as usize;
     let secs = env_n("BENCH_SECS", 60);
     let conns = env_n("BENCH_CONNS", 32) as usize;
     start_to_ready(env_n("BENCH_STARTS", 15) as usize);
     let (_b, d, device) = ingest_box(devices);
+    let before = cpu_by_thread(d.child.id());
+    let o = open_loop(&d, &device, devices, secs);
+    let (after, sent) = (cpu_by_thread(d.child.id()), o.sent);
     report(
         &format!(
             "ingest, open loop, {devices} devices at 10 Hz (target {}/s)",
             devices * 10
         ),
-        open_loop(&d, &device, devices, secs),
+        o,
     );
+    report_cpu(&before, &after, sent);
     report(
         &format!("ingest, closed loop, {conns} connections back to back"),
         closed_loop(&d, &device, conns, devices, 15),
