@@ -300,6 +300,15 @@ mod tests {
     }
 
     #[test]
+    fn a_database_failure_is_not_a_refusal() {
+        let (_d, db) = state();
+        let t = create(&db, "monitor-1", Role::Device, "clinic-a", &[]).unwrap();
+        db.execute_batch("DROP TABLE api_tokens").unwrap();
+        // The API answers this with 503 and does not remember it.
+        assert!(authenticate(&db, &t.token).is_err());
+    }
+
+    #[test]
     fn refuses_bad_names_tenants_and_device_scopes() {
         let (_d, db) = state();
         assert!(create(&db, "a b", Role::App, "clinic-a", &[]).is_err());

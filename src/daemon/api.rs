@@ -167,8 +167,17 @@ pub fn handle(app: &App, peer: SocketAddr, parts: &Parts, body: &[u8]) -> (&'sta
         .map_err(|e| log::error!("api: state.db: {e:#}"))
         .ok();
     let who = match authenticate(app, parts) {
-        Ok(p) => p,
+        Ok(Ok(p)) => p,
+        // state.db could not be read: not the client's fault, and not a
+        // refusal to record.
         Err(e) => {
+            log::error!("api: token lookup: {e:#}");
+            return (
+                route,
+                Reply::error(503, "transient", "cannot check the token now; retry").retry_after(1),
+            );
+        }
+        Ok(Err(e)) => {
             let reason = e.to_string();
             deny(app, peer, parts, None, 401, &reason);
             return (
@@ -214,27 +223,23 @@ pub fn handle(app: &App, peer: SocketAddr, parts: &Parts, body: &[u8]) -> (&'sta
     (route, reply)
 }
 
-fn authenticate(app: &App, parts: &Parts) -> Result<Principal, AuthError> {
-    let header = parts
+/// The principal the request's bearer token stands for, or why it is
+/// refused; `Err` if `state.db` could not be read (the next request looks
+/// again: failed reads are not memoised).
+fn authenticate(app: &App, parts: &Parts) -> anyhow::Result<Result<Principal, AuthError>> {
+    let token = parts
         .headers
         .get(hyper::header::AUTHORIZATION)
-        .ok_or(AuthError::Missing)?;
-    let token = header
-        .to_str()
-        .ok()
+        .and_then(|h| h.to_str().ok())
         .and_then(|h| h.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .ok_or(AuthError::Missing)?
-        .1
-        .trim();
+        .map(|(_, token)| token.trim());
+    let Some(token) = token else {
+        return Ok(Err(AuthError::Missing));
+    };
     let key = hex::encode(tokens::hash(token));
-    // A failed lookup is not remembered: the next request looks again.
     conns::memo(&app.rt.env().dir, "token", &key, |state| {
         Ok(tokens::authenticate(state, token)?)
-    })
-    .unwrap_or_else(|e| {
-        log::error!("api: token lookup: {e:#}");
-        Err(AuthError::Unknown)
     })
 }
 
