@@ -195,7 +195,9 @@ pub fn memo<T: Clone + 'static>(
         if c.memo.entries.len() >= c.memo.cap {
             c.memo.entries.clear();
         }
-        c.memo.entries.insert(k, Box::new(v.clone()));
+        if c.memo.cap > 0 {
+            c.memo.entries.insert(k, Box::new(v.clone()));
+        }
         Ok(v)
     })
 }
@@ -335,9 +337,11 @@ mod tests {
         assert!(!hits("a"));
         assert!(hits("c"), "a third key");
         assert!(hits("a"), "emptied to make room");
-        assert_eq!(
-            CONNS.with(|c| c.borrow().as_ref().unwrap().memo.entries.len()),
-            2
-        );
+        let len = || CONNS.with(|c| c.borrow().as_ref().unwrap().memo.entries.len());
+        assert_eq!(len(), 2);
+        drop(_r);
+        let _r = begin_request(&f.dir, 0).unwrap();
+        assert!(hits("z") && hits("z"), "a cap of 0 keeps nothing");
+        assert_eq!(len(), 0);
     }
 }
