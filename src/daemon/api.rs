@@ -377,15 +377,17 @@ pub enum Output {
 }
 
 impl Output {
+    /// Two scans of valid output: the strict check, then `RawValue`'s own
+    /// (syntax only; it has no unchecked constructor). One copy.
     fn new(bytes: &[u8]) -> Output {
-        let text = String::from_utf8_lossy(bytes).into_owned();
+        let text = String::from_utf8_lossy(bytes);
         let json = text.trim_matches([' ', '\t', '\n', '\r']);
         if serde_json::from_str::<StrictJson>(json).is_ok()
             && let Ok(raw) = RawValue::from_string(json.to_owned())
         {
             return Output::Json(raw);
         }
-        Output::Text(text)
+        Output::Text(text.into_owned())
     }
 }
 

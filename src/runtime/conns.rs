@@ -10,9 +10,9 @@
 //!
 //! Every API request reads the same few `state.db` rows (its token, the
 //! installed plugins and current versions, grants and quarantine), each in
-//! its own read transaction. Inside a request scope ([`begin_request`]) these reads go
-//! through [`memo`]: each thread keeps what it read, and drops all of it
-//! whenever `state.db` may have changed since. Invariants:
+//! its own read transaction. Inside a request scope ([`begin_request`])
+//! these reads go through [`memo`]: each thread keeps what it read, and
+//! drops all of it whenever `state.db` may have changed since. Invariants:
 //! - a request scope starts by asking SQLite whether any other connection
 //!   (another thread, the CLI in another process) committed to `state.db`
 //!   (`PRAGMA data_version`); if so the memo is emptied before the request

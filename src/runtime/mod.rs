@@ -485,12 +485,14 @@ impl Runtime {
                 // No write (and no write lock) unless it had been failing.
                 // Read now, not from the memo: another call may have
                 // failed while this one ran.
-                let failing =
-                    conns::with(dir, Db::State, |state| grants::failing(state, &req.plugin));
-                if failing.unwrap_or(true) {
-                    let _ = conns::with(dir, Db::State, |state| {
-                        grants::reset_failures(state, &req.plugin)
-                    });
+                let reset = conns::with(dir, Db::State, |state| {
+                    if grants::failing(state, &req.plugin).unwrap_or(true) {
+                        grants::reset_failures(state, &req.plugin)?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = reset {
+                    log::warn!("{}: cannot reset its failure count: {e:#}", req.plugin);
                 }
                 false
             }
