@@ -233,7 +233,21 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         a.text()
     );
     assert_eq!(a.json()["triggered"], json!([]));
+    // Without an id, the Bundle's first reading again is a resend (see
+    // below); a later reading is new and triggers.
     one.as_object_mut().unwrap().remove("id");
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        one.to_string().as_bytes(),
+    );
+    assert_eq!(
+        a.json()["unchanged"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        a.text()
+    );
+    one["effectiveDateTime"] = json!("2030-01-01T00:00:05Z");
     let a = d.post(
         "/fhir/Observation",
         Some(&device),
@@ -244,6 +258,19 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         a.json()["triggered"][0]["output"]["resourceType"],
         "RiskAssessment"
     );
+    // Without an id, a resend (a device retrying after a timeout or a 503)
+    // is the same reading: same id, unchanged, not stored twice.
+    let id_less = a.json()["stored"][0].clone();
+    let stats = b.json(&["fhir", "stats"]);
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        one.to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    assert_eq!(a.json()["unchanged"], json!([id_less]), "{}", a.text());
+    assert_eq!(a.json()["stored"], json!([]), "{}", a.text());
+    assert_eq!(b.json(&["fhir", "stats"]), stats, "a resend was stored");
 
     // Bad input: clear errors naming the entry and field; nothing stored.
     let before = b.json(&["fhir", "stats"]);
@@ -288,7 +315,7 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     let ingests = records(&b, "fhir.ingest");
-    assert_eq!(ingests.len(), 4);
+    assert_eq!(ingests.len(), 6);
     assert_eq!(ingests[0]["token"].as_str().unwrap().len(), 12);
     b.ok(&["audit", "verify"]);
 }

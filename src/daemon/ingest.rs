@@ -8,7 +8,9 @@
 //! 2. store them in the token's tenant, all or none, durably (fsynced),
 //!    through the group-committing writer (`fhir::writer`): concurrent
 //!    devices share one transaction and one fsync (an Observation without
-//!    `id` gets a new UUID, as a FHIR create would);
+//!    `id` gets one derived from its tenant and content,
+//!    [`store::content_id`], so that a device resending the same reading
+//!    after a timeout or a 503 does not store it twice);
 //! 3. record `fhir.ingest` in the audit log (durable);
 //! 4. run, per patient, every plugin function whose manifest subscription
 //!    matches one of the stored resources, with input
@@ -34,7 +36,12 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         Err(e) => return Reply::error(400, "structure", &format!("request body is not JSON: {e}")),
     };
     let expect_bundle = segs.len() == 1 || segs[1] == "Bundle";
-    let resources = match collect(doc, expect_bundle, env.limits.max_ingest_entries) {
+    let resources = match collect(
+        doc,
+        &who.tenant,
+        expect_bundle,
+        env.limits.max_ingest_entries,
+    ) {
         Ok(r) => r,
         Err(msg) => return Reply::error(422, "invalid", &msg),
     };
@@ -183,9 +190,11 @@ fn unrecorded(e: &anyhow::Error) -> Reply {
     )
 }
 
-/// The request's Observations as (id, patient, resource), all checked.
+/// The request's Observations as (id, patient, resource), all checked; an
+/// Observation without `id` gets its [`store::content_id`] in `tenant`.
 fn collect(
     mut doc: Value,
+    tenant: &str,
     expect_bundle: bool,
     max: usize,
 ) -> Result<Vec<(String, String, Value)>, String> {
@@ -230,7 +239,7 @@ fn collect(
         }
         let id = match res.get("id") {
             None => {
-                let id = crate::audit::log::new_id().map_err(|e| format!("{e:#}"))?;
+                let id = store::content_id(tenant, &res);
                 res["id"] = json!(id);
                 id
             }
@@ -268,21 +277,58 @@ mod tests {
     #[test]
     fn collect_checks_every_entry_and_names_it() {
         let obs = json!({"resourceType": "Observation", "status": "final", "code": {}, "subject": {"reference": "Patient/p1"}});
-        let got = collect(obs.clone(), false, 10).unwrap();
+        let got = collect(obs.clone(), "t1", false, 10).unwrap();
         assert_eq!(got[0].1, "p1");
-        assert_eq!(got[0].0.len(), 36, "a new id was assigned");
+        assert_eq!(got[0].0.len(), 36, "an id was assigned");
         let mut bad = obs.clone();
         bad["subject"] = json!({"reference": "Group/g"});
         let bundle =
             json!({"resourceType": "Bundle", "entry": [{"resource": obs}, {"resource": bad}]});
-        let e = collect(bundle, true, 10).unwrap_err();
+        let e = collect(bundle, "t1", true, 10).unwrap_err();
         assert!(
             e.starts_with("Bundle.entry[1].resource.subject.reference"),
             "{e}"
         );
-        let e = collect(json!({"resourceType": "Patient"}), false, 10).unwrap_err();
+        let e = collect(json!({"resourceType": "Patient"}), "t1", false, 10).unwrap_err();
         assert!(e.contains("takes Observations"), "{e}");
         let many = json!({"resourceType": "Bundle", "entry": vec![json!({}); 11]});
-        assert!(collect(many, true, 10).unwrap_err().contains("1 to 10"));
+        assert!(
+            collect(many, "t1", true, 10)
+                .unwrap_err()
+                .contains("1 to 10")
+        );
+    }
+
+    /// A resent reading keeps its id (so it is not stored twice); another
+    /// reading, or the same one in another tenant, gets another.
+    #[test]
+    fn an_id_less_observation_gets_the_same_id_when_resent() {
+        let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "pulse"},
+            "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2026-11-27T06:00:00.1Z",
+            "valueQuantity": {"value": 72}});
+        let id = |o: &Value, t: &str| collect(o.clone(), t, false, 10).unwrap()[0].0.clone();
+        let first = id(&obs, "t1");
+        assert!(fhir::is_valid_id(&first), "{first}");
+        assert_eq!(id(&obs, "t1"), first, "a resend keeps its id");
+        let reordered: Value = serde_json::from_str(
+            r#"{"valueQuantity":{"value":72},"subject":{"reference":"Patient/p1"},"status":"final",
+                "resourceType":"Observation","effectiveDateTime":"2026-11-27T06:00:00.1Z","code":{"text":"pulse"}}"#,
+        )
+        .unwrap();
+        assert_eq!(id(&reordered, "t1"), first, "key order is not content");
+        let mut restamped = obs.clone();
+        restamped["meta"] = json!({"lastUpdated": "2026-11-27T06:00:01Z"});
+        assert_eq!(
+            id(&restamped, "t1"),
+            first,
+            "meta.lastUpdated is not content"
+        );
+        assert_ne!(id(&obs, "t2"), first, "another tenant");
+        let mut later = obs.clone();
+        later["effectiveDateTime"] = json!("2026-11-27T06:00:00.2Z");
+        assert_ne!(id(&later, "t1"), first, "another reading");
+        let mut other = obs.clone();
+        other["valueQuantity"]["value"] = json!(73);
+        assert_ne!(id(&other, "t1"), first, "another value");
     }
 }

@@ -91,6 +91,28 @@ pub fn content_hash(res: &Value) -> [u8; 32] {
     Sha256::digest(WithMeta { obj, meta }.to_json()).into()
 }
 
+/// The id a device ingest gives an Observation sent without one: a UUID
+/// (version 8, RFC 9562) made from SHA-256 of the tenant and the
+/// [`content_hash`]. A resend of the same reading (a device retrying after
+/// a timeout or a 503) gets the same id and is recognised as unchanged
+/// instead of being stored twice; any difference in content (value, time,
+/// subject, device) gives another id. The tenant is hashed in so that equal
+/// ids never reveal equal readings across tenants.
+pub fn content_id(tenant: &str, res: &Value) -> String {
+    let mut h = Sha256::new();
+    h.update(b"clinicbox content id v1\0");
+    h.update(tenant.as_bytes());
+    h.update(b"\0");
+    h.update(content_hash(res));
+    let digest: [u8; 32] = h.finalize().into();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
 /// A resource object written with its `meta` replaced (or left out when
 /// `None`), without copying the resource. Keys stay sorted, exactly as
 /// `Value` writes them, so the bytes are those of the modified copy.
