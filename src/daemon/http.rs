@@ -14,7 +14,7 @@
 //!
 //! Handlers ([`super::api::handle`]) are synchronous (SQLite, wasmtime) and
 //! run on the daemon's worker threads ([`super::workers`]), never on the
-//! executor threads.
+//! executor's one thread ("api"), which they would stall.
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
