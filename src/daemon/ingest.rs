@@ -326,7 +326,19 @@ mod tests {
         assert_ne!(id(&obs, "t2"), first, "another tenant");
         let mut later = obs.clone();
         later["effectiveDateTime"] = json!("2026-11-27T06:00:00.2Z");
-        assert_ne!(id(&later, "t1"), first, "another reading");
+        let second = id(&later, "t1");
+        assert_ne!(second, first, "another reading");
+        assert!(
+            second > first,
+            "ids sort by the reading's time: {first} {second}"
+        );
+        // 2026-11-27T06:00:00.100Z, in Unix ms: the first 48 bits.
+        let ms = 1_795_759_200_100u64;
+        assert_eq!(
+            first.replace('-', "")[..12],
+            format!("{ms:012x}"),
+            "{first}"
+        );
         let mut other = obs.clone();
         other["valueQuantity"]["value"] = json!(73);
         assert_ne!(id(&other, "t1"), first, "another value");
