@@ -137,7 +137,8 @@ pub fn exit_status(err: &anyhow::Error) -> ExitStatus {
             return match e {
                 crate::runtime::CallError::NotInstalled(_) => ExitStatus::NotFound,
                 crate::runtime::CallError::Failed { .. } => ExitStatus::PluginFailed,
-                crate::runtime::CallError::Internal(_) => ExitStatus::Failure,
+                crate::runtime::CallError::Internal(_)
+                | crate::runtime::CallError::Unrecorded(_) => ExitStatus::Failure,
                 _ => ExitStatus::Refused,
             };
         }

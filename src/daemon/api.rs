@@ -436,6 +436,10 @@ impl<'de> serde::de::Visitor<'de> for StrictJson {
     }
 }
 
+/// The `Retry-After` of a 503 for a call that could not be recorded: the
+/// usual cause, a full disk, takes a person to mend.
+const UNRECORDED_RETRY_SECS: u32 = 30;
+
 /// Runs a call, counting it; a success becomes the JSON the API returns.
 pub fn run_call(app: &App, call: &CallRequest) -> Result<CallAnswer, Reply> {
     let started = std::time::Instant::now();
@@ -445,7 +449,7 @@ pub fn run_call(app: &App, call: &CallRequest) -> Result<CallAnswer, Reply> {
         Err(CallError::Failed { .. }) => "failed",
         Err(CallError::Busy(_)) => "busy",
         Err(CallError::Quarantined { .. }) => "quarantined",
-        Err(CallError::Internal(_)) => "error",
+        Err(CallError::Internal(_) | CallError::Unrecorded(_)) => "error",
         Err(_) => "refused",
     };
     app.metrics.call(&call.plugin, outcome, started.elapsed());
@@ -470,6 +474,10 @@ pub fn run_call(app: &App, call: &CallRequest) -> Result<CallAnswer, Reply> {
                     Reply::error(500, "exception", &msg)
                 }
                 CallError::FailClosed(_) => Reply::error(503, "transient", &msg),
+                CallError::Unrecorded(_) => {
+                    log::error!("api: {msg}");
+                    Reply::error(503, "transient", &msg).retry_after(UNRECORDED_RETRY_SECS)
+                }
                 CallError::Refused(_) => Reply::error(403, "forbidden", &msg),
                 CallError::Failed { .. } => Reply::error(422, "processing", &msg),
             })

@@ -28,6 +28,10 @@ use crate::fhir::{self, store};
 use crate::runtime::CallRequest;
 use crate::tokens::Principal;
 
+/// The `Retry-After` of a 503 for a full disk: freeing space takes a
+/// person, not a moment.
+const DISK_FULL_RETRY_SECS: u32 = 30;
+
 /// Handles an ingest request.
 pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     let env = app.rt.env();
@@ -61,6 +65,15 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             .into_iter()
             .map(|u| matches!(u, store::Upserted::Created | store::Upserted::Updated))
             .collect::<Vec<_>>(),
+        Err(fhir::writer::WriteError::DiskFull(e)) => {
+            log::error!("api: ingest: the disk holding fhir.db is full: {e}");
+            return Reply::error(
+                503,
+                "transient",
+                "the clinicbox data disk is full: nothing was stored; resend later",
+            )
+            .retry_after(DISK_FULL_RETRY_SECS);
+        }
         Err(e) => {
             log::error!("api: ingest: {e:#}");
             return Reply::error(500, "exception", &format!("cannot store: {e:#}"));

@@ -20,6 +20,9 @@
 //! - WAL checkpoints run off this thread (`crate::checkpointer`), but for
 //!   a RESTART of at most 100 ms if the WAL outgrows four times its
 //!   threshold;
+//! - a full disk is told apart ([`WriteError::DiskFull`]): nothing of the
+//!   group is stored, and the caller can say "retry later" rather than
+//!   report a fault;
 //! - the thread ends when the last [`Writer`] clone is dropped.
 
 use std::sync::{Arc, mpsc};
@@ -31,6 +34,28 @@ use serde_json::Value;
 use super::store::{self, Upserted};
 use crate::checkpointer::Checkpointer;
 use crate::datadir::DataDir;
+
+/// Why a caller's resources were not stored (none of them were).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The disk holding `fhir.db` is full (SQLite's `SQLITE_FULL`): a
+    /// resend after space is freed succeeds.
+    #[error("cannot store in the FHIR cache: the disk is full: {0}")]
+    DiskFull(String),
+    /// Anything else: a resource the cache refused, an I/O error, a
+    /// stopped writer.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// True if SQLite reported a full disk anywhere in `e`'s chain.
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<rusqlite::Error>()
+            .and_then(rusqlite::Error::sqlite_error_code)
+            == Some(rusqlite::ErrorCode::DiskFull)
+    })
+}
 
 /// Most callers taken into one transaction.
 const MAX_GROUP: usize = 512;
@@ -45,7 +70,7 @@ struct Job {
     /// Shared with the caller, who reads them again afterwards.
     resources: Arc<[Value]>,
     now_ms: i64,
-    reply: mpsc::SyncSender<Result<Vec<Upserted>, String>>,
+    reply: mpsc::SyncSender<Result<Vec<Upserted>, WriteError>>,
 }
 
 /// A handle on the writer thread of one data dir's `fhir.db`.
@@ -96,7 +121,7 @@ impl Writer {
         tenant: &str,
         resources: Arc<[Value]>,
         now_ms: i64,
-    ) -> Result<Vec<Upserted>> {
+    ) -> Result<Vec<Upserted>, WriteError> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.tx
             .send(Job {
@@ -105,11 +130,10 @@ impl Writer {
                 now_ms,
                 reply,
             })
-            .map_err(|_| anyhow::anyhow!("the FHIR writer has stopped"))?;
+            .map_err(|_| WriteError::Failed("the FHIR writer has stopped".into()))?;
         answer
             .recv()
-            .map_err(|_| anyhow::anyhow!("the FHIR writer stopped before answering"))?
-            .map_err(anyhow::Error::msg)
+            .map_err(|_| WriteError::Failed("the FHIR writer stopped before answering".into()))?
     }
 }
 
@@ -131,9 +155,13 @@ fn run(
                 }
             }
             Err(e) => {
-                let msg = format!("cannot store in the FHIR cache: {e:#}");
+                let err = if is_disk_full(&e) {
+                    WriteError::DiskFull(format!("{e:#}"))
+                } else {
+                    WriteError::Failed(format!("cannot store in the FHIR cache: {e:#}"))
+                };
                 for job in group {
-                    let _ = job.reply.send(Err(msg.clone()));
+                    let _ = job.reply.send(Err(err.clone()));
                 }
             }
         }
@@ -149,8 +177,12 @@ fn run(
 /// (ingest checks each resource before it queues it), and the common case
 /// pays for no savepoints. The outer error is the group's (nothing of it
 /// stored: the commit failed, or SQLite itself rolled the transaction back
-/// after an error such as a full disk); the inner ones are per job.
-fn store_group(conn: &mut Connection, group: &[Job]) -> Result<Vec<Result<Vec<Upserted>, String>>> {
+/// after an error, or the disk is full, which is no one caller's fault);
+/// the inner ones are per job.
+fn store_group(
+    conn: &mut Connection,
+    group: &[Job],
+) -> Result<Vec<Result<Vec<Upserted>, WriteError>>> {
     let mut refused: Vec<Option<String>> = vec![None; group.len()];
     // Each round either commits or sets one more job aside.
     loop {
@@ -175,9 +207,12 @@ fn store_group(conn: &mut Connection, group: &[Job]) -> Result<Vec<Result<Vec<Up
             return Ok(stored
                 .into_iter()
                 .zip(refused)
-                .map(|(done, why)| done.ok_or_else(|| why.unwrap_or_default()))
+                .map(|(done, why)| done.ok_or_else(|| WriteError::Failed(why.unwrap_or_default())))
                 .collect());
         };
+        if is_disk_full(&e) {
+            return Err(e.context("the disk is full"));
+        }
         if tx.is_autocommit() {
             anyhow::bail!("the group's transaction was rolled back by SQLite: {e:#}");
         }
@@ -235,7 +270,11 @@ mod tests {
         let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
         assert_eq!(ok, [true, false, true, false, true]);
         assert!(
-            results[1].as_ref().unwrap_err().contains("bad id"),
+            results[1]
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("bad id"),
             "{results:?}"
         );
         let ids: Vec<String> = conn
@@ -247,6 +286,47 @@ mod tests {
             .unwrap();
         // Nothing of a refused caller, all of every other one.
         assert_eq!(ids, ["a1", "a2", "c1", "e1"]);
+    }
+
+    /// A full disk (here SQLite's page limit, which fails the same way:
+    /// `SQLITE_FULL`) fails the whole group as such and stores nothing of
+    /// it; with room again, the same group is stored.
+    #[test]
+    fn a_full_disk_is_reported_as_such_and_stores_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        dir.init().unwrap();
+        let mut conn = crate::fhir::open(&dir).unwrap();
+        let job = |resources: Vec<Value>| Job {
+            tenant: "t1".into(),
+            resources: resources.into(),
+            now_ms: 0,
+            reply: mpsc::sync_channel(1).0,
+        };
+        store_group(&mut conn, &[job(vec![obs("first", "p0")])]).unwrap();
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "max_page_count", pages).unwrap();
+        let group: Vec<Job> = (0..20)
+            .map(|i| {
+                job((0..50)
+                    .map(|k| obs(&format!("o{i}-{k}"), &format!("p{i}")))
+                    .collect())
+            })
+            .collect();
+        let e = store_group(&mut conn, &group).unwrap_err();
+        assert!(is_disk_full(&e), "{e:#}");
+        let count = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT count(*) FROM resources", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&conn), 1, "nothing of the group was stored");
+        conn.pragma_update(None, "max_page_count", 1_000_000)
+            .unwrap();
+        let results = store_group(&mut conn, &group).unwrap();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(count(&conn), 1 + 20 * 50);
     }
 
     #[test]

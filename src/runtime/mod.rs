@@ -154,10 +154,16 @@ pub enum CallError {
     /// The unsynced audit backlog is over its disk budget (fail closed).
     #[error("{0}")]
     FailClosed(String),
-    /// The appliance failed (database, audit log, loading the stored
-    /// bundle); not the caller's or the plugin's fault.
+    /// The appliance failed (database, loading the stored bundle); not
+    /// the caller's or the plugin's fault.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The call ran but its record, or the record of a data access it
+    /// made, could not be written (a full disk, say): its output is
+    /// withheld. A retry once the audit log can be written again runs the
+    /// call again.
+    #[error("{0}")]
+    Unrecorded(String),
     /// No instance became free in time.
     #[error("plugin {0} is busy: no instance free within the wait limit")]
     Busy(String),
@@ -467,13 +473,13 @@ impl Runtime {
             format!("{detail}; {}", rec.detail)
         };
         record::call(&self.env.audit, &rec).map_err(|e| {
-            CallError::Internal(format!("cannot record the call, output withheld: {e:#}"))
+            CallError::Unrecorded(format!("cannot record the call, output withheld: {e:#}"))
         })?;
         // Queued before the call record, so already settled: any failure
         // means an access went unrecorded, and the output stays inside.
         for p in pending {
             p.wait().map_err(|e| {
-                CallError::Internal(format!(
+                CallError::Unrecorded(format!(
                     "cannot record a data access of the call, output withheld: {e:#}"
                 ))
             })?;
