@@ -9,7 +9,9 @@
 //!    records it, runs NEWS2 (subscribed to vital signs) for the patient
 //!    and answers with the RiskAssessment. Latency is measured from each
 //!    request's *scheduled* send time, so a stalled server cannot hide its
-//!    queue (no coordinated omission).
+//!    queue (no coordinated omission). After it, the daemon's CPU per
+//!    request by thread and how much `fhir.db` and `audit.db` grew per
+//!    request.
 //! 2. Maximum sustained rate: closed loop, `BENCH_CONNS` (32) connections
 //!    posting back to back for 15 s.
 //! 3. Start to `READY=1` with 50 installed plugins (code cache warm, as
@@ -491,13 +493,47 @@ fn report_cpu(
     );
 }
 
+/// Bytes that the database at `path` holds in its newest committed state:
+/// pages in use times the page size, the WAL's pages included (SQLite
+/// answers for the reader's snapshot), so it does not depend on when the
+/// daemon last checkpointed.
+fn db_bytes(path: &std::path::Path) -> u64 {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open a database read-only");
+    let q = |p: &str| -> i64 {
+        c.query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
+            .expect("pragma")
+    };
+    ((q("page_count") - q("freelist_count")) * q("page_size")) as u64
+}
+
+/// How much `fhir.db` and `audit.db` grew per request between `before`
+/// and now (docs/operations.md, "Disk growth").
+fn report_growth(data: &std::path::Path, before: &[u64; 2], requests: u64) {
+    let now = [
+        db_bytes(&data.join("fhir.db")),
+        db_bytes(&data.join("audit.db")),
+    ];
+    let per = |i: usize| now[i].saturating_sub(before[i]) as f64 / requests.max(1) as f64;
+    println!(
+        "  disk growth per request: fhir.db {:.0} B, audit.db {:.0} B ({:.1} MB/s at 2,000/s)",
+        per(0),
+        per(1),
+        (per(0) + per(1)) * 2000.0 / 1e6
+    );
+}
+
 fn main() {
     fsync_probe(env_n("BENCH_FSYNC_SECS", 10));
     let devices = env_n("BENCH_DEVICES", 200) as usize;
     let secs = env_n("BENCH_SECS", 60);
     let conns = env_n("BENCH_CONNS", 32) as usize;
     start_to_ready(env_n("BENCH_STARTS", 15) as usize);
-    let (_b, d, device) = ingest_box(devices);
+    let (b, d, device) = ingest_box(devices);
+    let sizes = [
+        db_bytes(&b.data.join("fhir.db")),
+        db_bytes(&b.data.join("audit.db")),
+    ];
     let before = cpu_by_thread(d.child.id());
     let o = open_loop(&d, &device, devices, secs);
     let (after, sent) = (cpu_by_thread(d.child.id()), o.sent);
@@ -509,6 +545,7 @@ fn main() {
         o,
     );
     report_cpu(&before, &after, sent);
+    report_growth(&b.data, &sizes, sent);
     report(
         &format!("ingest, closed loop, {conns} connections back to back"),
         closed_loop(&d, &device, conns, devices, 15),
