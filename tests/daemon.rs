@@ -210,8 +210,9 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         );
     }
 
-    // One Observation alone also triggers; resent unchanged, it is neither
-    // stored again nor triggers anything.
+    // One Observation alone also triggers; resent unchanged, it is not
+    // stored again but is scored again (the device may have timed out
+    // waiting for its score).
     let mut one = doc["entry"][0]["resource"].clone();
     one["id"] = json!("rr-fixed-1");
     let a = d.post(
@@ -232,7 +233,13 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         "{}",
         a.text()
     );
-    assert_eq!(a.json()["triggered"], json!([]));
+    assert_eq!(a.json()["stored"], json!([]), "{}", a.text());
+    assert_eq!(
+        a.json()["triggered"][0]["output"]["resourceType"],
+        "RiskAssessment",
+        "{}",
+        a.text()
+    );
     // Without an id, the Bundle's first reading again is a resend (see
     // below); a later reading is new and triggers.
     one.as_object_mut().unwrap().remove("id");
@@ -241,11 +248,11 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         Some(&device),
         one.to_string().as_bytes(),
     );
-    assert_eq!(
-        a.json()["unchanged"].as_array().map(Vec::len),
-        Some(1),
-        "{}",
-        a.text()
+    let again = a.json()["unchanged"].clone();
+    assert_eq!(again.as_array().map(Vec::len), Some(1), "{}", a.text());
+    assert!(
+        stored.contains(again[0].as_str().unwrap()),
+        "the Bundle's own id: {again}"
     );
     one["effectiveDateTime"] = json!("2030-01-01T00:00:05Z");
     let a = d.post(
@@ -270,6 +277,11 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
     assert_eq!(a.status, 201, "{}", a.text());
     assert_eq!(a.json()["unchanged"], json!([id_less]), "{}", a.text());
     assert_eq!(a.json()["stored"], json!([]), "{}", a.text());
+    assert_eq!(
+        a.json()["triggered"][0]["output"]["resourceType"],
+        "RiskAssessment",
+        "the resend gets its score"
+    );
     assert_eq!(b.json(&["fhir", "stats"]), stats, "a resend was stored");
 
     // Bad input: clear errors naming the entry and field; nothing stored.

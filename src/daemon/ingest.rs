@@ -13,7 +13,7 @@
 //!    after a timeout or a 503 does not store it twice);
 //! 3. record `fhir.ingest` in the audit log (durable);
 //! 4. run, per patient, every plugin function whose manifest subscription
-//!    matches one of the stored resources, with input
+//!    matches one of the stored (or resent unchanged) resources, with input
 //!    `{"patient": "Patient/<id>"}`; each call is recorded by the runtime;
 //! 5. answer 201 with what was stored and each triggered call's output
 //!    (e.g. a NEWS2 `RiskAssessment`) or error.
@@ -28,9 +28,10 @@ use crate::fhir::{self, store};
 use crate::runtime::CallRequest;
 use crate::tokens::Principal;
 
-/// The `Retry-After` of a 503 for a full disk: freeing space takes a
-/// person, not a moment.
-const DISK_FULL_RETRY_SECS: u32 = 30;
+/// The `Retry-After` of an ingest's 503 when the disk is full or the
+/// ingest could not be recorded: mending either takes a person, not a
+/// moment.
+const RESEND_AFTER_SECS: u32 = 30;
 
 /// Handles an ingest request.
 pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
@@ -61,10 +62,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         .fhir_writer
         .store(&who.tenant, values.clone(), now_ms as i64);
     let written = match stored {
-        Ok(w) => w
-            .into_iter()
-            .map(|u| matches!(u, store::Upserted::Created | store::Upserted::Updated))
-            .collect::<Vec<_>>(),
+        Ok(w) => w,
         Err(fhir::writer::WriteError::DiskFull(e)) => {
             log::error!("api: ingest: the disk holding fhir.db is full: {e}");
             return Reply::error(
@@ -72,7 +70,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
                 "transient",
                 "the clinicbox data disk is full: nothing was stored; resend later",
             )
-            .retry_after(DISK_FULL_RETRY_SECS);
+            .retry_after(RESEND_AFTER_SECS);
         }
         Err(e) => {
             log::error!("api: ingest: {e:#}");
@@ -80,20 +78,24 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         }
     };
     // A resource resent unchanged (or older than what is stored) is not
-    // stored again and triggers nothing; it is listed as `unchanged`.
-    let (resources, unchanged): (Vec<_>, Vec<_>) = refs
-        .into_iter()
-        .zip(values.iter())
-        .zip(written)
-        .partition(|(_, w)| *w);
-    let resources: Vec<(String, String, &Value)> = resources
-        .into_iter()
-        .map(|(((id, patient), res), _)| (id, patient, res))
-        .collect();
-    let unchanged: Vec<String> = unchanged
-        .into_iter()
-        .map(|(((id, _), _), _)| format!("Observation/{id}"))
-        .collect();
+    // stored again; it is listed as `unchanged`. A resend still triggers
+    // (a device that timed out waiting for its score resends to get it);
+    // an older version than the stored one does not.
+    let mut resources: Vec<(String, String, &Value)> = Vec::new();
+    let mut unchanged: Vec<String> = Vec::new();
+    let mut resent: Vec<(String, String, &Value)> = Vec::new();
+    for (((id, patient), res), w) in refs.into_iter().zip(values.iter()).zip(written) {
+        match w {
+            store::Upserted::Created | store::Upserted::Updated => {
+                resources.push((id, patient, res));
+            }
+            store::Upserted::Unchanged => {
+                unchanged.push(format!("Observation/{id}"));
+                resent.push((id, patient, res));
+            }
+            store::Upserted::Stale => unchanged.push(format!("Observation/{id}")),
+        }
+    }
     app.metrics
         .ingested
         .fetch_add(resources.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -132,7 +134,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     };
     let mut triggers = std::collections::BTreeSet::new();
     for (plugin, sub) in subs.iter().filter(|(p, _)| granted(p)) {
-        for (id, patient, res) in &resources {
+        for (id, patient, res) in resources.iter().chain(&resent) {
             if sub.matches(res, id) {
                 triggers.insert((plugin.clone(), sub.function.clone(), patient.clone()));
             }
@@ -201,10 +203,12 @@ fn unrecorded(e: &anyhow::Error) -> Reply {
         "transient",
         "stored, but the ingest could not be recorded; retry",
     )
+    .retry_after(RESEND_AFTER_SECS)
 }
 
 /// The request's Observations as (id, patient, resource), all checked; an
-/// Observation without `id` gets its [`store::content_id`] in `tenant`.
+/// Observation without `id` gets its [`store::content_id`] in `tenant`,
+/// or, if it has no time of day to make one from, a new UUID v7.
 fn collect(
     mut doc: Value,
     tenant: &str,
@@ -252,7 +256,10 @@ fn collect(
         }
         let id = match res.get("id") {
             None => {
-                let id = store::content_id(tenant, &res);
+                let id = match store::content_id(tenant, &res) {
+                    Some(id) => id,
+                    None => crate::audit::log::new_id().map_err(|e| format!("{e:#}"))?,
+                };
                 res["id"] = json!(id);
                 id
             }
@@ -323,12 +330,6 @@ mod tests {
         let first = id(&obs, "t1");
         assert!(fhir::is_valid_id(&first), "{first}");
         assert_eq!(id(&obs, "t1"), first, "a resend keeps its id");
-        let reordered: Value = serde_json::from_str(
-            r#"{"valueQuantity":{"value":72},"subject":{"reference":"Patient/p1"},"status":"final",
-                "resourceType":"Observation","effectiveDateTime":"2026-11-27T06:00:00.1Z","code":{"text":"pulse"}}"#,
-        )
-        .unwrap();
-        assert_eq!(id(&reordered, "t1"), first, "key order is not content");
         let mut restamped = obs.clone();
         restamped["meta"] = json!({"lastUpdated": "2026-11-27T06:00:01Z"});
         assert_eq!(
@@ -355,5 +356,33 @@ mod tests {
         let mut other = obs.clone();
         other["valueQuantity"]["value"] = json!(73);
         assert_ne!(id(&other, "t1"), first, "another value");
+        // No time of day: nothing tells two such readings apart, so each
+        // gets a new id (as before content ids).
+        let mut dateless = obs.clone();
+        dateless
+            .as_object_mut()
+            .unwrap()
+            .remove("effectiveDateTime");
+        assert_ne!(id(&dateless, "t1"), id(&dateless, "t1"), "no time");
+        let mut day = obs.clone();
+        day["effectiveDateTime"] = json!("2026-11-27");
+        assert_ne!(id(&day, "t1"), id(&day, "t1"), "a date only");
+        // The time comes from effective[x] first, issued last; an
+        // unreadable one is passed over.
+        let mut both = obs.clone();
+        both["issued"] = json!("2026-11-27T07:00:00Z");
+        assert_eq!(
+            id(&both, "t1")[..8],
+            first[..8],
+            "effectiveDateTime before issued"
+        );
+        let mut bad = both.clone();
+        bad["effectiveDateTime"] = json!("yesterday");
+        let at_issued = format!("{:012x}", 1_795_762_800_000u64);
+        assert_eq!(
+            id(&bad, "t1").replace('-', "")[..12],
+            at_issued,
+            "issued, the readable one"
+        );
     }
 }

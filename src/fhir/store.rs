@@ -91,44 +91,51 @@ pub fn content_hash(res: &Value) -> [u8; 32] {
     Sha256::digest(WithMeta { obj, meta }.to_json()).into()
 }
 
-/// The id a device ingest gives an Observation sent without one: a UUID
-/// (version 8, RFC 9562) whose first 48 bits are the reading's own time
-/// (`effectiveDateTime`, `effectiveInstant`, `effectivePeriod.start` or
-/// `issued`, in Unix ms) and whose other bits are SHA-256 of the tenant and
-/// the [`content_hash`].
+/// The id a device ingest gives an Observation sent without one, if the
+/// reading has a time of day: a UUID (version 8, RFC 9562) whose first 48
+/// bits are that time in Unix ms and whose other bits are SHA-256 of the
+/// tenant and the [`content_hash`]. The time is the first readable
+/// `dateTime` with a time of day among `effectiveDateTime`,
+/// `effectiveInstant`, `effectivePeriod.start` and `issued`; `None` if
+/// there is none (nothing then tells two such readings apart, so they must
+/// not share an id).
 ///
 /// - A resend of the same reading (a device retrying after a timeout or a
 ///   503) gets the same id and is recognised as unchanged instead of being
 ///   stored twice; any difference in content gives another id.
 /// - Readings arrive in time order, so their ids do too, and each new row
 ///   lands at the end of the `(tenant, type, id)` index, as UUID v7 ids
-///   did, instead of on a random page. A reading without a time takes
-///   those bits from the hash.
+///   did, instead of on a random page.
 /// - The tenant is hashed in so that equal ids never reveal equal
 ///   readings across tenants.
-pub fn content_id(tenant: &str, res: &Value) -> String {
+pub fn content_id(tenant: &str, res: &Value) -> Option<String> {
+    let ms = [
+        res.get("effectiveDateTime"),
+        res.get("effectiveInstant"),
+        res.pointer("/effectivePeriod/start"),
+        res.get("issued"),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(Value::as_str)
+    .filter(|t| t.contains('T'))
+    .find_map(|t| date::parse(t).ok())
+    .and_then(|r| u64::try_from(r.low).ok())?;
     let mut h = Sha256::new();
     h.update(b"clinicbox content id v1\0");
     h.update(tenant.as_bytes());
     h.update(b"\0");
     h.update(content_hash(res));
     let digest: [u8; 32] = h.finalize().into();
-    let when = ["effectiveDateTime", "effectiveInstant", "issued"]
-        .iter()
-        .find_map(|k| res.get(*k))
-        .or_else(|| res.pointer("/effectivePeriod/start"))
-        .and_then(Value::as_str)
-        .and_then(|t| date::parse(t).ok())
-        .and_then(|r| u64::try_from(r.low).ok());
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
-    if let Some(ms) = when {
-        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    }
-    uuid::Builder::from_custom_bytes(bytes)
-        .into_uuid()
-        .hyphenated()
-        .to_string()
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    Some(
+        uuid::Builder::from_custom_bytes(bytes)
+            .into_uuid()
+            .hyphenated()
+            .to_string(),
+    )
 }
 
 /// A resource object written with its `meta` replaced (or left out when

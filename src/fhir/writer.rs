@@ -211,7 +211,7 @@ fn store_group(
                 .collect());
         };
         if is_disk_full(&e) {
-            return Err(e.context("the disk is full"));
+            return Err(e);
         }
         if tx.is_autocommit() {
             anyhow::bail!("the group's transaction was rolled back by SQLite: {e:#}");
