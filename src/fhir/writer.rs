@@ -245,19 +245,29 @@ mod tests {
                "valueQuantity": {"value": 70}})
     }
 
-    #[test]
-    fn a_group_with_refused_callers_stores_all_the_others() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
-        dir.init().unwrap();
-        let mut conn = crate::fhir::open(&dir).unwrap();
-        let bad = json!({"resourceType": "Observation", "id": "bad id"});
-        let job = |resources: Vec<Value>| Job {
+    /// A caller's job for tenant t1, stored directly with `store_group`.
+    fn job(resources: Vec<Value>) -> Job {
+        Job {
             tenant: "t1".into(),
             resources: resources.into(),
             now_ms: 0,
             reply: mpsc::sync_channel(1).0,
-        };
+        }
+    }
+
+    /// An initialised data dir and a `fhir.db` connection in it.
+    fn fixture() -> (tempfile::TempDir, Connection) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        dir.init().unwrap();
+        let conn = crate::fhir::open(&dir).unwrap();
+        (tmp, conn)
+    }
+
+    #[test]
+    fn a_group_with_refused_callers_stores_all_the_others() {
+        let (_tmp, mut conn) = fixture();
+        let bad = json!({"resourceType": "Observation", "id": "bad id"});
         // One group of five: the 2nd and 4th callers are refused.
         let group = [
             job(vec![obs("a1", "p1"), obs("a2", "p1")]),
@@ -293,16 +303,7 @@ mod tests {
     /// it; with room again, the same group is stored.
     #[test]
     fn a_full_disk_is_reported_as_such_and_stores_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
-        dir.init().unwrap();
-        let mut conn = crate::fhir::open(&dir).unwrap();
-        let job = |resources: Vec<Value>| Job {
-            tenant: "t1".into(),
-            resources: resources.into(),
-            now_ms: 0,
-            reply: mpsc::sync_channel(1).0,
-        };
+        let (_tmp, mut conn) = fixture();
         store_group(&mut conn, &[job(vec![obs("first", "p0")])]).unwrap();
         let pages: i64 = conn
             .query_row("PRAGMA page_count", [], |r| r.get(0))
