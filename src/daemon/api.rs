@@ -436,9 +436,10 @@ impl<'de> serde::de::Visitor<'de> for StrictJson {
     }
 }
 
-/// The `Retry-After` of a 503 for a call that could not be recorded: the
-/// usual cause, a full disk, takes a person to mend.
-const UNRECORDED_RETRY_SECS: u32 = 30;
+/// The `Retry-After` of a 503 that a person has to mend, not a moment: a
+/// full disk, or an audit log that cannot take a record (a call's, whose
+/// output is then withheld, or an ingest's).
+pub(super) const RETRY_LATER_SECS: u32 = 30;
 
 /// Runs a call, counting it; a success becomes the JSON the API returns.
 pub fn run_call(app: &App, call: &CallRequest) -> Result<CallAnswer, Reply> {
@@ -476,7 +477,7 @@ pub fn run_call(app: &App, call: &CallRequest) -> Result<CallAnswer, Reply> {
                 CallError::FailClosed(_) => Reply::error(503, "transient", &msg),
                 CallError::Unrecorded(_) => {
                     log::error!("api: {msg}");
-                    Reply::error(503, "transient", &msg).retry_after(UNRECORDED_RETRY_SECS)
+                    Reply::error(503, "transient", &msg).retry_after(RETRY_LATER_SECS)
                 }
                 CallError::Refused(_) => Reply::error(403, "forbidden", &msg),
                 CallError::Failed { .. } => Reply::error(422, "processing", &msg),

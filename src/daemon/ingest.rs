@@ -22,16 +22,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::App;
-use super::api::{CallAnswer, Reply, requester, run_call};
+use super::api::{CallAnswer, RETRY_LATER_SECS, Reply, requester, run_call};
 use crate::audit::log::Entry;
 use crate::fhir::{self, store};
 use crate::runtime::CallRequest;
 use crate::tokens::Principal;
-
-/// The `Retry-After` of an ingest's 503 when the disk is full or the
-/// ingest could not be recorded: mending either takes a person, not a
-/// moment.
-const RESEND_AFTER_SECS: u32 = 30;
 
 /// Handles an ingest request.
 pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
@@ -70,7 +65,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
                 "transient",
                 "the clinicbox data disk is full: nothing was stored; resend later",
             )
-            .retry_after(RESEND_AFTER_SECS);
+            .retry_after(RETRY_LATER_SECS);
         }
         Err(e) => {
             log::error!("api: ingest: {e:#}");
@@ -203,7 +198,7 @@ fn unrecorded(e: &anyhow::Error) -> Reply {
         "transient",
         "stored, but the ingest could not be recorded; retry",
     )
-    .retry_after(RESEND_AFTER_SECS)
+    .retry_after(RETRY_LATER_SECS)
 }
 
 /// The request's Observations as (id, patient, resource), all checked; an
