@@ -66,6 +66,9 @@ pub struct RawDaemon {
     pub inbox_poll_ms: Option<u64>,
     /// On SIGTERM, how long in-flight requests may finish, s (default 10).
     pub drain_secs: Option<u64>,
+    /// Warn in the log while the data disk has less than this percent of
+    /// its size available (default 10).
+    pub disk_warn_percent: Option<u8>,
 }
 
 /// `[updates]`: the vendor update channel (a static HTTPS directory with
@@ -96,6 +99,8 @@ pub struct Daemon {
     pub inbox_poll: std::time::Duration,
     /// Drain time on SIGTERM.
     pub drain: std::time::Duration,
+    /// Low-disk warning threshold, percent of the data file system.
+    pub disk_warn_percent: u8,
 }
 
 impl Default for Daemon {
@@ -106,6 +111,7 @@ impl Default for Daemon {
             inbox: None,
             inbox_poll: std::time::Duration::from_secs(1),
             drain: std::time::Duration::from_secs(10),
+            disk_warn_percent: 10,
         }
     }
 }
@@ -419,6 +425,15 @@ impl Config {
                 }
                 daemon.drain = std::time::Duration::from_secs(s);
             }
+            if let Some(p) = d.disk_warn_percent {
+                if !(1..=50).contains(&p) {
+                    return Err(field(
+                        "daemon.disk_warn_percent",
+                        format!("{p} is outside 1..=50"),
+                    ));
+                }
+                daemon.disk_warn_percent = p;
+            }
         }
         let updates = match raw.updates {
             None => None,
@@ -639,9 +654,14 @@ mod tests {
 
     #[test]
     fn daemon_sections_are_validated_by_field() {
-        let c = parse("[api]\nlisten = \"0.0.0.0:9000\"\n[daemon]\ndrain_secs = 3\n").unwrap();
+        let c = parse(
+            "[api]\nlisten = \"0.0.0.0:9000\"\n[daemon]\ndrain_secs = 3\ndisk_warn_percent = 5\n",
+        )
+        .unwrap();
         assert_eq!(c.daemon.listen, "0.0.0.0:9000");
         assert_eq!(c.daemon.drain, std::time::Duration::from_secs(3));
+        assert_eq!(c.daemon.disk_warn_percent, 5);
+        assert_eq!(parse("").unwrap().daemon.disk_warn_percent, 10);
         for (text, want) in [
             ("[api]\nlisten = \"localhost\"\n", "field `api.listen`"),
             (
@@ -659,6 +679,10 @@ mod tests {
             (
                 "[updates]\nurl = \"https://u\"\ninterval_secs = 100000\n",
                 "field `updates.interval_secs`: 100000 is outside 1..=86400",
+            ),
+            (
+                "[daemon]\ndisk_warn_percent = 0\n",
+                "field `daemon.disk_warn_percent`: 0 is outside 1..=50",
             ),
             ("cache_dir = \"rel\"\n", "field `cache_dir`"),
             (

@@ -125,7 +125,30 @@ fn api_answers_by_token_role_and_tenant_and_records_refusals() {
     let s = d.get("/status", Some(&admin), &[]).json();
     assert_eq!(s["ready"], true);
     assert_eq!(s["plugins"][0]["name"], "acme/news2");
+    // The data disk, read now: the real file system and database files.
+    let disk = &s["disk"];
+    let (avail, size) = (
+        disk["available_bytes"].as_u64().unwrap_or(0),
+        disk["size_bytes"].as_u64().unwrap_or(0),
+    );
+    assert!(avail > 0 && avail <= size, "{disk}");
+    assert_eq!(disk["warn_under_percent"], 10, "{disk}");
+    assert!(disk["fhir_db_bytes"].as_u64().unwrap_or(0) > 0, "{disk}");
+    assert!(disk["audit_db_bytes"].as_u64().unwrap_or(0) > 0, "{disk}");
     let m = d.get("/metrics", Some(&admin), &[]).text();
+    for gauge in [
+        "clinicbox_data_disk_available_bytes ",
+        "clinicbox_data_disk_size_bytes ",
+        "clinicbox_fhir_db_bytes ",
+        "clinicbox_audit_db_bytes ",
+    ] {
+        let v = m
+            .lines()
+            .find_map(|l| l.strip_prefix(gauge))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(v > 0.0, "{gauge}: {m}");
+    }
     assert!(
         m.contains("clinicbox_plugin_calls_total{plugin=\"acme/news2\",outcome=\"ok\"} 2"),
         "{m}"

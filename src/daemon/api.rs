@@ -653,6 +653,38 @@ fn metrics(app: &App) -> Reply {
     if let Err(e) = durable {
         log::error!("api: metrics: {e:#}");
     }
+    match super::disk::Usage::of(&env.dir) {
+        Ok(u) => {
+            gauges.push((
+                "clinicbox_data_disk_available_bytes",
+                "Bytes still writable on the file system of the data directory.",
+                u.available_bytes as f64,
+            ));
+            gauges.push((
+                "clinicbox_data_disk_size_bytes",
+                "Size of the file system of the data directory.",
+                u.size_bytes as f64,
+            ));
+            gauges.push((
+                "clinicbox_fhir_db_bytes",
+                "fhir.db with its WAL (nothing is pruned).",
+                u.fhir_db_bytes as f64,
+            ));
+            gauges.push((
+                "clinicbox_audit_db_bytes",
+                "audit.db with its WAL (append-only).",
+                u.audit_db_bytes as f64,
+            ));
+        }
+        Err(e) => log::error!("api: metrics: {e:#}"),
+    }
+    if let Some(rate) = app.disk.lock().unwrap_or_else(|p| p.into_inner()).rate() {
+        gauges.push((
+            "clinicbox_data_disk_fill_bytes_per_second",
+            "How fast available space shrank between the disk thread's last two readings (a minute apart).",
+            rate,
+        ));
+    }
     gauges.push((
         "clinicbox_idle_instance_bytes",
         "Memory held by idle plugin instances (bounded by limits.idle_instances_mib).",
@@ -665,6 +697,31 @@ fn metrics(app: &App) -> Reply {
         headers: vec![],
         body: app.metrics.render(&gauges).into_bytes(),
     }
+}
+
+/// `/status`'s `disk`: the data disk now, the last fill rate and when it
+/// would be full at that rate.
+fn disk_status(app: &App) -> Value {
+    let config = app.config();
+    let u = match super::disk::Usage::of(&app.rt.env().dir) {
+        Ok(u) => u,
+        Err(e) => return json!({"error": format!("{e:#}")}),
+    };
+    let watch = app.disk.lock().unwrap_or_else(|p| p.into_inner());
+    json!({
+        "path": std::path::absolute(app.rt.env().dir.root())
+            .unwrap_or_else(|_| app.rt.env().dir.root().to_path_buf())
+            .display()
+            .to_string(),
+        "available_bytes": u.available_bytes,
+        "size_bytes": u.size_bytes,
+        "available_percent": (u.available_percent() * 10.0).round() / 10.0,
+        "warn_under_percent": config.daemon.disk_warn_percent,
+        "fhir_db_bytes": u.fhir_db_bytes,
+        "audit_db_bytes": u.audit_db_bytes,
+        "fill_bytes_per_second": watch.rate(),
+        "full_in_hours": watch.full_in_hours(&u).map(|h| (h * 100.0).round() / 100.0),
+    })
 }
 
 /// The audit backlog and sync state, on this thread's audit.db connection.
@@ -700,6 +757,7 @@ fn status(app: &App) -> Reply {
         "audit": sync.map(|s| serde_json::to_value(s).unwrap_or(Value::Null)).unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
         "updates": config.updates.as_ref().map(|u| &u.url),
         "inflight_requests": app.metrics.inflight.load(Ordering::Relaxed),
+        "disk": disk_status(app),
     });
     Reply::json(200, &body)
 }

@@ -3,13 +3,16 @@
 //! Start-up, in order: complete the data dir (`init` is idempotent), bind
 //! the API address, load every installed plugin, then tell systemd
 //! `READY=1` and serve. While running:
-//! - the local API ([`http`], [`api`], [`ingest`]) on smol executor
-//!   threads, with blocking work on smol's blocking pool;
+//! - the local API ([`http`], [`api`], [`ingest`]): HTTP on one smol
+//!   executor thread (`api`), handlers on a fixed set of worker threads
+//!   (`workers`);
 //! - the inbox ([`inbox`]) scanned every `daemon.inbox_poll_ms`;
 //! - audit upload and FHIR sync-down ([`crate::sync::pass`]) every
 //!   `upstream.interval_secs`, with jittered backoff after a failure;
 //! - the vendor update channel ([`crate::update`]) every
 //!   `updates.interval_secs`;
+//! - the data disk ([`disk`]) read every minute, with a warning in the
+//!   log while it is low;
 //! - `WATCHDOG=1` from the main loop at half the watchdog interval.
 //!
 //! Signals: SIGHUP reloads the config file (upstream, updates, inbox
@@ -24,6 +27,7 @@
 //! in `/metrics`, and retried.
 
 pub mod api;
+pub mod disk;
 mod http;
 pub mod inbox;
 pub mod ingest;
@@ -61,6 +65,8 @@ pub struct App {
     pub inbox: PathBuf,
     /// Device ingest's group-committing `fhir.db` writer.
     pub fhir_writer: crate::fhir::writer::Writer,
+    /// The data disk's last readings (the `disk` thread's).
+    pub disk: Mutex<disk::Watch>,
     stop: Stop,
     /// The threads that run handlers.
     workers: workers::Workers,
@@ -153,6 +159,7 @@ pub fn run(
         started,
         inbox,
         fhir_writer,
+        disk: Mutex::new(disk::Watch::default()),
         stop: Stop::default(),
         workers,
     });
@@ -203,6 +210,7 @@ pub fn run(
         spawn_loop("inbox", &app, inbox_loop)?,
         spawn_loop("sync", &app, sync_loop)?,
         spawn_loop("updates", &app, update_loop)?,
+        spawn_loop("disk", &app, disk_loop)?,
     ];
 
     app.ready.store(true, Ordering::SeqCst);
@@ -383,6 +391,30 @@ fn sync_loop(app: &App) {
             }
         };
         if app.stop.sleep(wait) {
+            return;
+        }
+    }
+}
+
+fn disk_loop(app: &App) {
+    loop {
+        match disk::Usage::of(&app.rt.env().dir) {
+            Ok(u) => {
+                let percent = app.config().daemon.disk_warn_percent;
+                let say = app.disk.lock().unwrap_or_else(|p| p.into_inner()).observe(
+                    Instant::now(),
+                    &u,
+                    percent,
+                );
+                match say {
+                    disk::Say::Warn(msg) => log::warn!("{msg}"),
+                    disk::Say::Recovered(msg) => log::info!("{msg}"),
+                    disk::Say::Nothing => {}
+                }
+            }
+            Err(e) => log::warn!("disk: {e:#}"),
+        }
+        if app.stop.sleep(disk::CHECK_EVERY) {
             return;
         }
     }
