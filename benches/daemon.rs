@@ -10,8 +10,9 @@
 //!    and answers with the RiskAssessment. Latency is measured from each
 //!    request's *scheduled* send time, so a stalled server cannot hide its
 //!    queue (no coordinated omission). After it, the daemon's CPU per
-//!    request by thread and how much `fhir.db` and `audit.db` grew per
-//!    request.
+//!    request by thread, how busy the whole machine was (`/proc/stat`)
+//!    and what the load generator itself cost, and how much `fhir.db` and
+//!    `audit.db` grew per request.
 //! 2. Maximum sustained rate: closed loop, `BENCH_CONNS` (32) connections
 //!    posting back to back for 15 s.
 //! 3. Start to `READY=1` with 50 installed plugins (code cache warm, as
@@ -437,6 +438,68 @@ fn fsync_probe(secs: u64) {
     );
 }
 
+/// The machine's CPU ticks since boot from `/proc/stat` (user, nice,
+/// system, idle, iowait, irq, softirq, steal), and how many CPUs.
+fn machine_ticks() -> (Vec<u64>, usize) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take(8)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count();
+    (ticks, cpus)
+}
+
+/// CPU time (ms) this bench process (the load generator) has used.
+fn own_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11..13).map_or(0.0, |v| {
+        v.iter().filter_map(|x| x.parse::<f64>().ok()).sum::<f64>() * 10.0
+    })
+}
+
+/// How busy the whole machine was over the open-loop run, and what the
+/// load generator itself cost per request: a p99 taken on a machine that
+/// had no CPU to spare says so beside it.
+fn report_machine(before: &(Vec<u64>, usize), after: &(Vec<u64>, usize), own_ms: f64, sent: u64) {
+    if before.0.len() < 8 || after.0.len() < 8 || sent == 0 {
+        return;
+    }
+    let d: Vec<f64> = (0..8)
+        .map(|i| after.0[i].saturating_sub(before.0[i]) as f64)
+        .collect();
+    let total: f64 = d.iter().sum();
+    if total == 0.0 {
+        return;
+    }
+    let pct = |x: f64| 100.0 * x / total;
+    println!(
+        "  machine over the run: {} CPUs {:.0} % busy (user {:.0} %, system {:.0} %, irq {:.0} %, iowait {:.0} %, steal {:.0} %); the load generator {:.3} ms CPU per request",
+        after.1,
+        pct(total - d[3] - d[4]),
+        pct(d[0] + d[1]),
+        pct(d[2]),
+        pct(d[5] + d[6]),
+        pct(d[4]),
+        pct(d[7]),
+        own_ms / sent as f64
+    );
+}
+
 /// CPU time (ms) of each thread of `pid`, summed by thread name with its
 /// number stripped (`worker-7` → `worker`), from `/proc/<pid>/task`.
 fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
@@ -534,9 +597,11 @@ fn main() {
         db_bytes(&b.data.join("fhir.db")),
         db_bytes(&b.data.join("audit.db")),
     ];
-    let before = cpu_by_thread(d.child.id());
+    let (before, machine_before, me_before) =
+        (cpu_by_thread(d.child.id()), machine_ticks(), own_cpu_ms());
     let o = open_loop(&d, &device, devices, secs);
     let (after, sent) = (cpu_by_thread(d.child.id()), o.sent);
+    let (machine_after, me_after) = (machine_ticks(), own_cpu_ms());
     report(
         &format!(
             "ingest, open loop, {devices} devices at 10 Hz (target {}/s)",
@@ -545,6 +610,7 @@ fn main() {
         o,
     );
     report_cpu(&before, &after, sent);
+    report_machine(&machine_before, &machine_after, me_after - me_before, sent);
     report_growth(&b.data, &sizes, sent);
     report(
         &format!("ingest, closed loop, {conns} connections back to back"),
