@@ -222,7 +222,27 @@ impl Outcome {
     }
 }
 
-fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
+/// CPU readings taken together: the daemon's threads, the machine, and
+/// this process (the load generator).
+struct CpuNow {
+    daemon: std::collections::BTreeMap<String, f64>,
+    machine: (Vec<u64>, usize),
+    own_ms: f64,
+}
+
+impl CpuNow {
+    fn read(pid: u32) -> CpuNow {
+        CpuNow {
+            daemon: cpu_by_thread(pid),
+            machine: machine_ticks(),
+            own_ms: own_cpu_ms(),
+        }
+    }
+}
+
+/// The open-loop run, and the CPU readings at its clock's start and end
+/// (the generator's set-up before it is not in them).
+fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> (Outcome, [CpuNow; 2]) {
     let out = Arc::new(Mutex::new(Outcome::new(secs)));
     // Every device's bodies are built and its connection opened before the
     // clock starts: the load generator's own start-up is not measured.
@@ -233,6 +253,7 @@ fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
             (device_bodies(&format!("d{i:04}")), conn)
         })
         .collect();
+    let cpu_start = CpuNow::read(d.child.id());
     let start = Instant::now() + Duration::from_millis(200);
     let period = Duration::from_millis(100);
     let mut threads = Vec::new();
@@ -270,11 +291,12 @@ fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> Outcome {
     for t in threads {
         t.join().unwrap();
     }
+    let cpu_end = CpuNow::read(d.child.id());
     let mut o = Arc::try_unwrap(out).ok().unwrap().into_inner().unwrap();
     // The rate achieved: all requests over the time they actually took (a
     // server that falls behind takes longer than the schedule).
     o.secs = start.elapsed().as_secs_f64();
-    o
+    (o, [cpu_start, cpu_end])
 }
 
 fn closed_loop(d: &Daemon, token: &str, conns: usize, patients: usize, secs: u64) -> Outcome {
@@ -438,19 +460,24 @@ fn fsync_probe(secs: u64) {
     );
 }
 
+/// One clock tick of `/proc` CPU times, in ms (USER_HZ, 100 on Linux).
+const TICK_MS: f64 = 1000.0 / 100.0;
+
 /// The machine's CPU ticks since boot from `/proc/stat` (user, nice,
 /// system, idle, iowait, irq, softirq, steal), and how many CPUs.
 fn machine_ticks() -> (Vec<u64>, usize) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // All eight or none: a field that does not parse must not shift the
+    // others.
     let ticks = stat
         .lines()
         .find(|l| l.starts_with("cpu "))
-        .map(|l| {
+        .and_then(|l| {
             l.split_whitespace()
                 .skip(1)
                 .take(8)
-                .filter_map(|x| x.parse().ok())
-                .collect()
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()
         })
         .unwrap_or_default();
     let cpus = stat
@@ -468,7 +495,7 @@ fn own_cpu_ms() -> f64 {
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     f.get(11..13).map_or(0.0, |v| {
-        v.iter().filter_map(|x| x.parse::<f64>().ok()).sum::<f64>() * 10.0
+        v.iter().filter_map(|x| x.parse::<f64>().ok()).sum::<f64>() * TICK_MS
     })
 }
 
@@ -503,7 +530,7 @@ fn report_machine(before: &(Vec<u64>, usize), after: &(Vec<u64>, usize), own_ms:
 /// CPU time (ms) of each thread of `pid`, summed by thread name with its
 /// number stripped (`worker-7` → `worker`), from `/proc/<pid>/task`.
 fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
-    let tick_ms = 1000.0 / 100.0; // USER_HZ, 100 on Linux
+    let tick_ms = TICK_MS;
     let mut out = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -597,11 +624,8 @@ fn main() {
         db_bytes(&b.data.join("fhir.db")),
         db_bytes(&b.data.join("audit.db")),
     ];
-    let (before, machine_before, me_before) =
-        (cpu_by_thread(d.child.id()), machine_ticks(), own_cpu_ms());
-    let o = open_loop(&d, &device, devices, secs);
-    let (after, sent) = (cpu_by_thread(d.child.id()), o.sent);
-    let (machine_after, me_after) = (machine_ticks(), own_cpu_ms());
+    let (o, [before, after]) = open_loop(&d, &device, devices, secs);
+    let sent = o.sent;
     report(
         &format!(
             "ingest, open loop, {devices} devices at 10 Hz (target {}/s)",
@@ -609,8 +633,13 @@ fn main() {
         ),
         o,
     );
-    report_cpu(&before, &after, sent);
-    report_machine(&machine_before, &machine_after, me_after - me_before, sent);
+    report_cpu(&before.daemon, &after.daemon, sent);
+    report_machine(
+        &before.machine,
+        &after.machine,
+        after.own_ms - before.own_ms,
+        sent,
+    );
     report_growth(&b.data, &sizes, sent);
     report(
         &format!("ingest, closed loop, {conns} connections back to back"),

@@ -68,7 +68,7 @@ pub struct RawDaemon {
     pub drain_secs: Option<u64>,
     /// Warn in the log while the data disk has less than this percent of
     /// its size available (default 10).
-    pub disk_warn_percent: Option<u8>,
+    pub disk_warn_percent: Option<u64>,
 }
 
 /// `[updates]`: the vendor update channel (a static HTTPS directory with
@@ -426,13 +426,15 @@ impl Config {
                 daemon.drain = std::time::Duration::from_secs(s);
             }
             if let Some(p) = d.disk_warn_percent {
-                if !(1..=50).contains(&p) {
-                    return Err(field(
-                        "daemon.disk_warn_percent",
-                        format!("{p} is outside 1..=50"),
-                    ));
+                match u8::try_from(p) {
+                    Ok(p @ 1..=50) => daemon.disk_warn_percent = p,
+                    _ => {
+                        return Err(field(
+                            "daemon.disk_warn_percent",
+                            format!("{p} is outside 1..=50"),
+                        ));
+                    }
                 }
-                daemon.disk_warn_percent = p;
             }
         }
         let updates = match raw.updates {
@@ -683,6 +685,10 @@ mod tests {
             (
                 "[daemon]\ndisk_warn_percent = 0\n",
                 "field `daemon.disk_warn_percent`: 0 is outside 1..=50",
+            ),
+            (
+                "[daemon]\ndisk_warn_percent = 300\n",
+                "field `daemon.disk_warn_percent`: 300 is outside 1..=50",
             ),
             ("cache_dir = \"rel\"\n", "field `cache_dir`"),
             (

@@ -681,7 +681,7 @@ fn metrics(app: &App) -> Reply {
     if let Some(rate) = app.disk.lock().unwrap_or_else(|p| p.into_inner()).rate() {
         gauges.push((
             "clinicbox_data_disk_fill_bytes_per_second",
-            "How fast available space shrank between the disk thread's last two readings (a minute apart).",
+            "Bytes per second by which available space shrank between the daemon's last two disk readings, a minute apart; negative when it grew.",
             rate,
         ));
     }

@@ -9,7 +9,9 @@
 //!   space shrank since the previous reading;
 //! - while available space is under `daemon.disk_warn_percent` of the file
 //!   system, it logs a warning (journald) at the first reading under it and
-//!   then every [`WARN_EVERY`], and one line when there is room again;
+//!   then every [`WARN_EVERY`], and one line when there is room again: at
+//!   least [`RECOVER_MARGIN`] points above the threshold, so a disk that
+//!   hovers at it does not log every minute;
 //! - `/metrics` and `/status` read the figures at request time, so they
 //!   are never stale, and add the last fill rate.
 //!
@@ -28,6 +30,9 @@ use crate::datadir::DataDir;
 pub const CHECK_EVERY: Duration = Duration::from_secs(60);
 /// How often a warning is repeated while the disk stays low.
 pub const WARN_EVERY: Duration = Duration::from_secs(600);
+/// Percentage points above the threshold at which a low disk counts as
+/// having room again.
+pub const RECOVER_MARGIN: f64 = 1.0;
 
 /// One reading of the data disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -44,34 +49,43 @@ pub struct Usage {
 
 impl Usage {
     /// Reads the file system holding `dir` and the sizes of its databases.
+    /// A file system that reports a size of 0 is an error, not "all free".
     pub fn of(dir: &DataDir) -> Result<Usage> {
         let root = dir.root();
         let fs = rustix::fs::statvfs(root)
             .with_context(|| format!("cannot read the file system of {}", root.display()))?;
+        let size_bytes = fs.f_blocks.saturating_mul(fs.f_frsize);
+        if size_bytes == 0 {
+            anyhow::bail!(
+                "the file system of {} reports a size of 0 bytes",
+                root.display()
+            );
+        }
         Ok(Usage {
             available_bytes: fs.f_bavail.saturating_mul(fs.f_frsize),
-            size_bytes: fs.f_blocks.saturating_mul(fs.f_frsize),
-            fhir_db_bytes: with_wal(&dir.fhir_db()),
-            audit_db_bytes: with_wal(&dir.audit_db()),
+            size_bytes,
+            fhir_db_bytes: with_wal(&dir.fhir_db())?,
+            audit_db_bytes: with_wal(&dir.audit_db())?,
         })
     }
 
-    /// Available space as a percentage of the file system (100 if the
-    /// size reads as 0).
+    /// Available space as a percentage of the file system.
     pub fn available_percent(&self) -> f64 {
-        if self.size_bytes == 0 {
-            return 100.0;
-        }
-        self.available_bytes as f64 * 100.0 / self.size_bytes as f64
+        self.available_bytes as f64 * 100.0 / self.size_bytes.max(1) as f64
     }
 }
 
-/// A database file and its `-wal`, in bytes (0 for a missing file).
-fn with_wal(db: &std::path::Path) -> u64 {
-    let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+/// A database file and its `-wal`, in bytes; a file that does not exist
+/// (yet) counts 0, any other failure to read its size is an error.
+fn with_wal(db: &std::path::Path) -> Result<u64> {
+    let len = |p: &std::path::Path| match std::fs::metadata(p) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("cannot read the size of {}", p.display())),
+    };
     let mut wal = db.as_os_str().to_owned();
     wal.push("-wal");
-    len(db) + len(std::path::Path::new(&wal))
+    Ok(len(db)? + len(std::path::Path::new(&wal))?)
 }
 
 /// What the `disk` thread remembers between readings.
@@ -92,7 +106,8 @@ pub enum Say {
     Nothing,
     /// A warning line: the disk is low.
     Warn(String),
-    /// An info line: the disk was low and has room again.
+    /// An info line: the disk was low and has room again (at least
+    /// [`RECOVER_MARGIN`] points above the threshold).
     Recovered(String),
 }
 
@@ -107,7 +122,11 @@ impl Watch {
             }
         }
         self.last = Some((now, u.available_bytes));
-        let low = u.available_percent() < f64::from(warn_percent);
+        let percent = u.available_percent();
+        let threshold = f64::from(warn_percent);
+        // Low under the threshold; a low disk stays low until it has
+        // risen past the margin above it.
+        let low = percent < threshold || (self.low && percent < threshold + RECOVER_MARGIN);
         let was_low = std::mem::replace(&mut self.low, low);
         if !low {
             self.warned = None;
@@ -129,13 +148,14 @@ impl Watch {
             return Say::Nothing;
         }
         self.warned = Some(now);
-        let eta = match self.full_in_hours(u) {
-            Some(h) => format!(
+        let eta = match (self.rate, self.full_in_hours(u)) {
+            (Some(rate), Some(h)) => format!(
                 "filling at {}/hour, full in about {}",
-                bytes((self.rate.unwrap_or(0.0).max(0.0) * 3600.0) as u64),
+                bytes((rate * 3600.0) as u64),
                 hours(h)
             ),
-            None => "not filling since the last reading".into(),
+            (Some(_), None) => "not filling since the last reading".into(),
+            (None, _) => "fill rate not known yet (first reading)".into(),
         };
         Say::Warn(format!(
             "data disk low: {} free of {} ({:.1} %, warning under {warn_percent} %); \
@@ -214,6 +234,11 @@ mod tests {
         let mut w = Watch::default();
         let t0 = Instant::now();
         assert_eq!(w.observe(t0, &usage(20 * GIB), 10), Say::Nothing);
+        // The first reading already low: the rate is not known yet.
+        let Say::Warn(first) = Watch::default().observe(t0, &usage(GIB), 10) else {
+            panic!("no warning at a first reading under the threshold");
+        };
+        assert!(first.contains("fill rate not known yet"), "{first}");
         // 20 GiB → 9 GiB in an hour: under 10 %, filling at 11 GiB/hour.
         let t1 = t0 + Duration::from_secs(3600);
         let Say::Warn(msg) = w.observe(t1, &usage(9 * GIB), 10) else {
@@ -238,6 +263,15 @@ mod tests {
         assert!(
             again.contains("not filling since the last reading"),
             "{again}"
+        );
+        // Back over 10 % but within the margin: still low, and quiet.
+        assert_eq!(
+            w.observe(
+                t1 + WARN_EVERY + CHECK_EVERY,
+                &usage(10 * GIB + GIB / 2),
+                10
+            ),
+            Say::Nothing
         );
         let Say::Recovered(ok) = w.observe(t1 + WARN_EVERY * 2, &usage(30 * GIB), 10) else {
             panic!("no word that the disk recovered");
@@ -283,6 +317,16 @@ mod tests {
         );
         let err = Usage::of(&DataDir::new(tmp.path().join("missing"))).unwrap_err();
         assert!(format!("{err:#}").contains("missing"), "{err:#}");
+        // A database whose size cannot be read (here: its directory is a
+        // file) is an error naming it, not a size of 0.
+        let file = tmp.path().join("not-a-dir");
+        std::fs::write(&file, b"").unwrap();
+        let err = Usage::of(&DataDir::new(&file)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot read the size of")
+                && format!("{err:#}").contains("not-a-dir/fhir.db"),
+            "{err:#}"
+        );
     }
 
     #[test]

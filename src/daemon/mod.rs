@@ -16,8 +16,8 @@
 //! - `WATCHDOG=1` from the main loop at half the watchdog interval.
 //!
 //! Signals: SIGHUP reloads the config file (upstream, updates, inbox
-//! period; `[limits]` and `api.listen` need a restart, and a reload says
-//! so). SIGTERM or SIGINT drains: `/readyz` turns 503, new requests get
+//! period, disk warning threshold; `[limits]` and `api.listen` need a
+//! restart, and a reload says so). SIGTERM or SIGINT drains: `/readyz` turns 503, new requests get
 //! 503, requests in flight get up to `daemon.drain_secs` to finish (each
 //! plugin call's record is committed before its answer is sent, so a call
 //! is either recorded and answered, or neither), background loops stop,
@@ -397,9 +397,15 @@ fn sync_loop(app: &App) {
 }
 
 fn disk_loop(app: &App) {
+    // A reading that keeps failing is logged when it starts and when it
+    // ends, not every minute.
+    let mut failing = false;
     loop {
         match disk::Usage::of(&app.rt.env().dir) {
             Ok(u) => {
+                if std::mem::replace(&mut failing, false) {
+                    log::info!("disk: the data disk can be read again");
+                }
                 let percent = app.config().daemon.disk_warn_percent;
                 let say = app.disk.lock().unwrap_or_else(|p| p.into_inner()).observe(
                     Instant::now(),
@@ -412,7 +418,11 @@ fn disk_loop(app: &App) {
                     disk::Say::Nothing => {}
                 }
             }
-            Err(e) => log::warn!("disk: {e:#}"),
+            Err(e) => {
+                if !std::mem::replace(&mut failing, true) {
+                    log::warn!("disk: {e:#} (no low-disk warning until it can be read)");
+                }
+            }
         }
         if app.stop.sleep(disk::CHECK_EVERY) {
             return;
