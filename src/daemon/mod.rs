@@ -17,11 +17,11 @@
 //!
 //! Signals: SIGHUP reloads the config file (upstream, updates, inbox
 //! period, disk warning threshold; `[limits]` and `api.listen` need a
-//! restart, and a reload says so). SIGTERM or SIGINT drains: `/readyz` turns 503, new requests get
-//! 503, requests in flight get up to `daemon.drain_secs` to finish (each
-//! plugin call's record is committed before its answer is sent, so a call
-//! is either recorded and answered, or neither), background loops stop,
-//! and the process exits 0.
+//! restart, and a reload says so). SIGTERM or SIGINT drains: `/readyz`
+//! turns 503, new requests get 503, requests in flight get up to
+//! `daemon.drain_secs` to finish (each plugin call's record is committed
+//! before its answer is sent, so a call is either recorded and answered,
+//! or neither), background loops stop, and the process exits 0.
 //!
 //! Invariant: no background failure ends the daemon; it is logged, counted
 //! in `/metrics`, and retried.
