@@ -150,7 +150,7 @@ impl Watch {
         self.warned = Some(now);
         let eta = match (self.rate, self.full_in_hours(u)) {
             (Some(rate), Some(h)) => format!(
-                "filling at {}/hour, full in about {}",
+                "filling at {}/hour, full {}",
                 bytes((rate * 3600.0) as u64),
                 hours(h)
             ),
@@ -185,16 +185,17 @@ impl Watch {
     }
 }
 
-/// A time left for a person: "49 minutes", "5.5 hours", "12 days".
+/// When, for a person: "in less than a minute", "in about 49 minutes",
+/// "in about 5.5 hours", "in about 12 days".
 fn hours(h: f64) -> String {
     if h * 60.0 < 1.0 {
-        "less than a minute".into()
+        "in less than a minute".into()
     } else if h < 1.0 {
-        format!("{} minutes", (h * 60.0).round())
+        format!("in about {} minutes", (h * 60.0).round())
     } else if h < 48.0 {
-        format!("{h:.1} hours")
+        format!("in about {h:.1} hours")
     } else {
-        format!("{} days", (h / 24.0).round())
+        format!("in about {} days", (h / 24.0).round())
     }
 }
 
@@ -331,10 +332,10 @@ mod tests {
 
     #[test]
     fn hours_read_well() {
-        assert_eq!(hours(0.01), "less than a minute");
-        assert_eq!(hours(0.5), "30 minutes");
-        assert_eq!(hours(5.54), "5.5 hours");
-        assert_eq!(hours(24.0 * 12.2), "12 days");
+        assert_eq!(hours(0.01), "in less than a minute");
+        assert_eq!(hours(0.5), "in about 30 minutes");
+        assert_eq!(hours(5.54), "in about 5.5 hours");
+        assert_eq!(hours(24.0 * 12.2), "in about 12 days");
     }
 
     #[test]
