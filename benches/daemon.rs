@@ -489,14 +489,21 @@ fn machine_ticks() -> (Vec<u64>, usize) {
 
 /// CPU time (ms) this bench process (the load generator) has used.
 fn own_cpu_ms() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| stat_cpu_ms(&s))
+        .unwrap_or(0.0)
+}
+
+/// User + system CPU time (ms) from the text of a `/proc/…/stat` file:
+/// after the ")" that ends the name, utime and stime are the 12th and
+/// 13th fields.
+fn stat_cpu_ms(stat: &str) -> Option<f64> {
+    let (_, rest) = stat.rsplit_once(')')?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    f.get(11..13).map_or(0.0, |v| {
-        v.iter().filter_map(|x| x.parse::<f64>().ok()).sum::<f64>() * TICK_MS
-    })
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) * TICK_MS)
 }
 
 /// How busy the whole machine was over the open-loop run, and what the
@@ -530,7 +537,6 @@ fn report_machine(before: &(Vec<u64>, usize), after: &(Vec<u64>, usize), own_ms:
 /// CPU time (ms) of each thread of `pid`, summed by thread name with its
 /// number stripped (`worker-7` → `worker`), from `/proc/<pid>/task`.
 fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
-    let tick_ms = TICK_MS;
     let mut out = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -542,18 +548,12 @@ fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
         ) else {
             continue;
         };
-        // Fields after the ")" that ends the name: utime and stime are the
-        // 12th and 13th.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
+        let Some(ms) = stat_cpu_ms(&stat) else {
             continue;
         };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11..13).map_or(0.0, |v| {
-            v.iter().filter_map(|x| x.parse::<f64>().ok()).sum()
-        });
         let name = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
         *out.entry(name.trim_end_matches('-').to_owned())
-            .or_insert(0.0) += ticks * tick_ms;
+            .or_insert(0.0) += ms;
     }
     out
 }

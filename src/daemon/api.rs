@@ -702,21 +702,19 @@ fn metrics(app: &App) -> Reply {
 /// `/status`'s `disk`: the data disk now, the last fill rate and when it
 /// would be full at that rate.
 fn disk_status(app: &App) -> Value {
-    let config = app.config();
-    let u = match super::disk::Usage::of(&app.rt.env().dir) {
+    let dir = &app.rt.env().dir;
+    let u = match super::disk::Usage::of(dir) {
         Ok(u) => u,
         Err(e) => return json!({"error": format!("{e:#}")}),
     };
+    let path = std::path::absolute(dir.root()).unwrap_or_else(|_| dir.root().to_path_buf());
     let watch = app.disk.lock().unwrap_or_else(|p| p.into_inner());
     json!({
-        "path": std::path::absolute(app.rt.env().dir.root())
-            .unwrap_or_else(|_| app.rt.env().dir.root().to_path_buf())
-            .display()
-            .to_string(),
+        "path": path.display().to_string(),
         "available_bytes": u.available_bytes,
         "size_bytes": u.size_bytes,
         "available_percent": (u.available_percent() * 10.0).round() / 10.0,
-        "warn_under_percent": config.daemon.disk_warn_percent,
+        "warn_under_percent": app.config().daemon.disk_warn_percent,
         "fhir_db_bytes": u.fhir_db_bytes,
         "audit_db_bytes": u.audit_db_bytes,
         "fill_bytes_per_second": watch.rate(),

@@ -22,7 +22,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 
 use crate::datadir::DataDir;
 
@@ -35,7 +34,7 @@ pub const WARN_EVERY: Duration = Duration::from_secs(600);
 pub const RECOVER_MARGIN: f64 = 1.0;
 
 /// One reading of the data disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     /// Bytes the daemon's user may still write on the file system.
     pub available_bytes: u64,
@@ -199,20 +198,9 @@ fn hours(h: f64) -> String {
     }
 }
 
-/// `n` bytes for a person: "512 B", "3.4 MiB", "1.2 GiB".
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+/// `n` bytes for a person: "512 B", "3.40 MiB", "1.25 GiB".
+fn bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
 }
 
 #[cfg(test)]
@@ -245,10 +233,13 @@ mod tests {
         let Say::Warn(msg) = w.observe(t1, &usage(9 * GIB), 10) else {
             panic!("no warning under the threshold");
         };
-        assert!(msg.contains("9.0 GiB free of 100.0 GiB (9.0 %"), "{msg}");
-        assert!(msg.contains("fhir.db 40.0 GiB, audit.db 50.0 GiB"), "{msg}");
+        assert!(msg.contains("9.00 GiB free of 100.00 GiB (9.0 %"), "{msg}");
         assert!(
-            msg.contains("filling at 11.0 GiB/hour, full in about 49 minutes"),
+            msg.contains("fhir.db 40.00 GiB, audit.db 50.00 GiB"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("filling at 11.00 GiB/hour, full in about 49 minutes"),
             "{msg}"
         );
         let rate = w.rate().unwrap();
@@ -277,7 +268,7 @@ mod tests {
         let Say::Recovered(ok) = w.observe(t1 + WARN_EVERY * 2, &usage(30 * GIB), 10) else {
             panic!("no word that the disk recovered");
         };
-        assert!(ok.contains("30.0 GiB free"), "{ok}");
+        assert!(ok.contains("30.00 GiB free"), "{ok}");
         assert_eq!(
             w.observe(t1 + WARN_EVERY * 3, &usage(30 * GIB), 10),
             Say::Nothing
@@ -336,12 +327,5 @@ mod tests {
         assert_eq!(hours(0.5), "in about 30 minutes");
         assert_eq!(hours(5.54), "in about 5.5 hours");
         assert_eq!(hours(24.0 * 12.2), "in about 12 days");
-    }
-
-    #[test]
-    fn bytes_reads_well() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(3 * 1024 * 1024 + 400 * 1024), "3.4 MiB");
-        assert_eq!(bytes(5 * GIB / 4), "1.2 GiB");
     }
 }
