@@ -1,10 +1,18 @@
 //! The `clinicbox` binary: parse the command line, set up logging to
 //! stderr, run, and map the outcome to an exit status.
+//!
+//! Its allocator is mimalloc on every target: the release binaries are
+//! static musl, and musl's own malloc made each API request cost about a
+//! tenth more CPU (BENCHMARKS.md, stop 16).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use clinicbox::cli::{self, Cli};
+
+/// The process allocator (see the module doc).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
