@@ -199,6 +199,8 @@ pub struct RawLimits {
     pub max_plugin_memory_mib: Option<u32>,
     /// Ceiling on a plugin's requested timeout, ms.
     pub max_plugin_timeout_ms: Option<u32>,
+    /// Floor under a plugin's signed timeout, ms (default 0: none).
+    pub min_plugin_timeout_ms: Option<u32>,
     /// Largest local API request body, KiB (default 1,024).
     pub max_request_body_kib: Option<u64>,
     /// Time to send a request head to the local API, ms (default 5,000).
@@ -350,6 +352,11 @@ impl Config {
                 let max = u64::from(ceiling.max_plugin_timeout_ms);
                 limits.max_plugin_timeout_ms =
                     bounded(u64::from(v), 1, max, "limits.max_plugin_timeout_ms")? as u32;
+            }
+            if let Some(v) = l.min_plugin_timeout_ms {
+                let max = u64::from(limits.max_plugin_timeout_ms);
+                limits.min_plugin_timeout_ms =
+                    bounded(u64::from(v), 0, max, "limits.min_plugin_timeout_ms")? as u32;
             }
             if let Some(v) = l.max_request_body_kib {
                 limits.max_request_body_bytes =
@@ -644,6 +651,19 @@ mod tests {
         let e = parse("[limits]\nmax_bundel_mib = 1\n").unwrap_err();
         assert!(
             e.contains("unknown field `max_bundel_mib`") && e.contains("line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn min_plugin_timeout_is_a_floor_no_higher_than_the_ceiling() {
+        assert_eq!(parse("").unwrap().limits.min_plugin_timeout_ms, 0);
+        let c = parse("[limits]\nmin_plugin_timeout_ms = 5000\n").unwrap();
+        assert_eq!(c.limits.min_plugin_timeout_ms, 5000);
+        let e = parse("[limits]\nmax_plugin_timeout_ms = 1000\nmin_plugin_timeout_ms = 5000\n")
+            .unwrap_err();
+        assert!(
+            e.contains("field `limits.min_plugin_timeout_ms`: 5000 is outside 0..=1000"),
             "{e}"
         );
     }

@@ -34,6 +34,13 @@ pub struct Limits {
     pub max_plugin_memory_mib: u32,
     /// Ceiling on a plugin's requested per-call timeout, in ms (default 10 s).
     pub max_plugin_timeout_ms: u32,
+    /// Floor under every plugin's signed per-call timeout, in ms (default
+    /// 0: the signed timeouts apply). For a box much slower than the
+    /// vendor's, and for emulation: under `qemu-aarch64-static` a plugin's
+    /// first call in a process takes about 200 ms while qemu translates
+    /// its code (`cross/smoke.sh` sets 5,000 there). Never above
+    /// `max_plugin_timeout_ms`.
+    pub min_plugin_timeout_ms: u32,
     /// Largest key file (`.key` / `.pub`) read, in bytes (default 4 KiB).
     pub max_key_file_bytes: u64,
     /// Largest config file read, in bytes (default 1 MiB).
@@ -168,6 +175,7 @@ impl Default for Limits {
             max_scopes: 64,
             max_plugin_memory_mib: 256,
             max_plugin_timeout_ms: 10_000,
+            min_plugin_timeout_ms: 0,
             max_key_file_bytes: 4 * 1024,
             max_config_bytes: 1024 * 1024,
             max_manifest_source_bytes: 64 * 1024,

@@ -408,7 +408,13 @@ impl Runtime {
             path.display()
         );
         let memory_mib = manifest.limits.memory_mib.min(limits.max_plugin_memory_mib);
-        let timeout_ms = u64::from(manifest.limits.timeout_ms.min(limits.max_plugin_timeout_ms));
+        let timeout_ms = u64::from(
+            manifest
+                .limits
+                .timeout_ms
+                .max(limits.min_plugin_timeout_ms)
+                .min(limits.max_plugin_timeout_ms),
+        );
         let module = engine
             .compile(&wasm)
             .with_context(|| format!("cannot compile {name} {version}"))?;
