@@ -240,6 +240,32 @@ fn lastn_is_the_newest_of_each_code_whatever_the_history() {
         .collect();
     assert_eq!(ids(&hr), lastn_by_hand(&all_hr, 2));
     assert_eq!(ids(&hr).len(), 2);
+    // A filter that fails every group's newest rows: "newest" is of what
+    // passes, and a group with nothing before the cutoff is left out.
+    let all = all_vitals(&b, "p0001");
+    let when = |o: &Value| {
+        o["effectiveDateTime"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        all.iter()
+            .all(|o| when(o).len() == 20 && when(o).ends_with('Z')),
+        "instants in one format, so that they compare as strings"
+    );
+    let cutoff = when(&all[all.len() / 2]);
+    let before: Vec<Value> = all.iter().filter(|o| when(o) < cutoff).cloned().collect();
+    for max in [1, 3] {
+        let got = b.search(
+            "clinic-a",
+            "p0001",
+            &format!("Observation/$lastn?category=vital-signs&date=lt{cutoff}&max={max}"),
+        );
+        let want = lastn_by_hand(&before, max);
+        assert!(!want.is_empty() && want.len() < all.len());
+        assert_eq!(ids(&got), want, "date=lt{cutoff} max={max}");
+    }
     // Nothing of another tenant's or patient's data, and bad requests are
     // named.
     let none = b.search(

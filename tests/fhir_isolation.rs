@@ -284,6 +284,17 @@ fn an_ungranted_category_is_filtered_inside_the_query_and_counts() {
     )
     .unwrap();
     assert_eq!(r["total"], 0);
+    // A query condition the scope implies (the scope's system|code is one
+    // of its alternatives) gives the rows of the scope alone.
+    for q in [
+        "Observation?category=vital-signs",
+        "Observation?category=laboratory,vital-signs",
+        "Observation?category=http://terminology.hl7.org/CodeSystem/observation-category|",
+    ] {
+        let r = search(&b, "clinic-a", Some("p1"), &[&vitals_only], q).unwrap();
+        assert_eq!(ids(&r), ["Observation/p1-v1", "Observation/p1-v2"], "{q}");
+        assert_eq!(r["total"], 2, "{q}");
+    }
     let e = read(
         &b,
         "clinic-a",
