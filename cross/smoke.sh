@@ -40,7 +40,7 @@ trap 'rm -rf "$TMP"' EXIT
 # A private data dir, cache and (empty = built-in defaults) config, so the
 # host's /var/lib/clinicbox and /etc/clinicbox are never touched.
 : >"$TMP/clinicbox.toml"
-# Under emulation a plugin's first call in a process takes about 200 ms
+# Under emulation a plugin's first call in a process takes about 300 ms
 # while qemu translates its code; NEWS2 signs 50 ms. Raise the floor
 # (docs/configuration.md, limits.min_plugin_timeout_ms), never natively.
 if [ ${#RUNNER[@]} -gt 0 ]; then

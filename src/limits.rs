@@ -37,7 +37,7 @@ pub struct Limits {
     /// Floor under every plugin's signed per-call timeout, in ms (default
     /// 0: the signed timeouts apply). For a box much slower than the
     /// vendor's, and for emulation: under `qemu-aarch64-static` a plugin's
-    /// first call in a process takes about 200 ms while qemu translates
+    /// first call in a process takes about 300 ms while qemu translates
     /// its code (`cross/smoke.sh` sets 5,000 there). Never above
     /// `max_plugin_timeout_ms`.
     pub min_plugin_timeout_ms: u32,
