@@ -12,8 +12,9 @@
 # Reproducibility: the same commit built twice (on any path, by any user)
 # gives the same bytes. Inputs are pinned (Cargo.lock via --locked, the
 # toolchain, cross/setup.sh's versions); time comes from the last commit
-# (SOURCE_DATE_EPOCH); build paths are remapped (--remap-path-prefix for
-# Rust, -ffile-prefix-map for the C in sqlite and ring); debug info is
+# (SOURCE_DATE_EPOCH; C's __DATE__/__TIME__ are fixed); build paths are
+# remapped (--remap-path-prefix for Rust, -ffile-prefix-map for the C in
+# sqlite, ring and mimalloc); debug info is
 # stripped (it carries paths), symbols are kept for readable backtraces.
 # The binary is never stripped again by cargo-deb (--no-strip), so the
 # packaged file is the one whose hash is printed.
@@ -54,7 +55,12 @@ fi
 RUSTFLAGS="--remap-path-prefix=$ROOT=/build/clinicbox --remap-path-prefix=$CARGO_HOME_DIR=/cargo -C target-feature=+crt-static"
 export RUSTFLAGS
 C_PREFIX_MAPS="-ffile-prefix-map=$ROOT=/build/clinicbox -ffile-prefix-map=$CARGO_HOME_DIR=/cargo"
-export "CFLAGS_${TRIPLE//-/_}=$C_PREFIX_MAPS"
+# Time in C: mimalloc embeds __DATE__ and __TIME__. clang would take them
+# from SOURCE_DATE_EPOCH, but cargo and zig reuse C objects compiled at an
+# earlier commit (zig's cache key ignores SOURCE_DATE_EPOCH), whose time
+# then lands in this build: fixed values instead.
+C_FIXED_TIME='-Wno-builtin-macro-redefined -D__DATE__="Jan_01_1970" -D__TIME__="00:00:00"'
+export "CFLAGS_${TRIPLE//-/_}=$C_PREFIX_MAPS $C_FIXED_TIME"
 # Debug info carries paths and doubles the size; symbols stay.
 export CARGO_PROFILE_RELEASE_STRIP=debuginfo
 export CARGO_INCREMENTAL=0
