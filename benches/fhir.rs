@@ -175,7 +175,7 @@ fn main() {
         }
         let avg = matched as f64 / (rounds * patients) as f64;
         println!(
-            "search {label:<28} p50 {:>7.1} µs  p99 {:>7.1} µs  (avg total {avg:.0}; {q})",
+            "search {label:<30} p50 {:>7.1} µs  p99 {:>7.1} µs  (avg total {avg:.0}; {q})",
             pct(&mut times.clone(), 0.5),
             pct(&mut times, 0.99)
         );

@@ -139,6 +139,22 @@ fn last_call(b: &TestBox) -> record::CallRecord {
 }
 
 #[test]
+fn a_timeout_floor_raises_a_signed_time_limit_and_the_error_names_the_one_enforced() {
+    let (b, _) = setup();
+    // The hostile plugin signs 50 ms (a manifest above the ceiling is
+    // refused outright, so only the floor can change what is enforced).
+    let floor = Limits {
+        min_plugin_timeout_ms: 120,
+        ..Limits::default()
+    };
+    let rt = Runtime::new(DataDir::new(&b.data), floor).unwrap();
+    let want = "exceeded its time limit (120 ms)";
+    let err = call(&rt, "p1", "spin", "").expect_err("spin");
+    assert!(err.contains(want), "{err}");
+    assert!(last_call(&b).detail.contains(want));
+}
+
+#[test]
 fn every_hostile_case_ends_with_its_own_error_and_the_host_lives_on() {
     let (b, rt) = setup();
     // Plugin logs are forwarded at info (to no logger here), so they count

@@ -639,7 +639,7 @@ impl Runtime {
                 false,
             )),
             Ok(Err(e)) => Err(fail(
-                describe(&e, &loaded.manifest),
+                describe(&e, &loaded.ilimits),
                 !matches!(e, host::Failure::Guest(_) | host::Failure::Host(_)),
             )),
             Ok(Ok(out)) => Ok(out),
@@ -808,17 +808,19 @@ fn cache_dir(dir: &DataDir) -> Result<std::path::PathBuf> {
     Ok(cache.canonicalize()?.join("wasmtime"))
 }
 
-/// A plugin failure in words: the guest's error message, or the trap.
-fn describe(e: &host::Failure, m: &Manifest) -> String {
+/// A plugin failure in words: the guest's error message, or the trap. A
+/// limit is named as enforced (`l`: the manifest's, within the box's
+/// `Limits`), not as signed.
+fn describe(e: &host::Failure, l: &host::InstanceLimits) -> String {
     use host::Failure as F;
     match e {
         F::Timeout => format!(
             "exceeded its time limit ({} ms); instance discarded",
-            m.limits.timeout_ms
+            l.timeout.as_millis()
         ),
         F::Memory => format!(
             "memory limit reached ({} MiB); instance discarded",
-            m.limits.memory_mib
+            l.memory_bytes / (1024 * 1024)
         ),
         F::StackOverflow => "stack overflow (call stack exhausted); instance discarded".into(),
         F::Trap(t) => format!("trapped: {t}; instance discarded"),
