@@ -325,3 +325,175 @@ fn lastn_is_the_newest_of_each_code_whatever_the_history() {
         common::stderr(&out)
     );
 }
+
+/// Whether the token `q` (`code`, `system|code`, `|code` or `system|`)
+/// matches one of `codings` ((system, code), system "" when none).
+fn token_matches(q: &str, codings: &[(String, String)]) -> bool {
+    codings.iter().any(|(s, c)| match q.split_once('|') {
+        None => c == q,
+        Some(("", qc)) => s.is_empty() && c == qc,
+        Some((qs, "")) => s == qs,
+        Some((qs, qc)) => s == qs && c == qc,
+    })
+}
+
+fn codings(v: &Value) -> Vec<(String, String)> {
+    v.as_array()
+        .map(|a| a.iter().collect::<Vec<_>>())
+        .unwrap_or_else(|| vec![v])
+        .into_iter()
+        .flat_map(|cc| cc["coding"].as_array().cloned().unwrap_or_default())
+        .map(|c| {
+            (
+                c["system"].as_str().unwrap_or("").to_owned(),
+                c["code"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `$lastn` reads a table keyed by category: categories with and without
+/// systems, several categories per Observation, several per query (OR) or
+/// AND-ed, `system|` and `|code` forms, statuses as codes and as
+/// `system|code`, and scopes that do or do not coincide with the query;
+/// each answer equals the by-hand one over the same Observations.
+#[test]
+fn lastn_by_category_status_and_scope_equals_the_by_hand_answer() {
+    let b = TestBox::new();
+    let vs = "http://terminology.hl7.org/CodeSystem/observation-category";
+    let status_sys = "http://hl7.org/fhir/observation-status";
+    let cats = [
+        json!([{"coding": [{"system": vs, "code": "vital-signs"}]}]),
+        json!([{"coding": [{"system": vs, "code": "laboratory"}]}]),
+        json!([{"coding": [{"system": vs, "code": "vital-signs"}]}, {"coding": [{"code": "survey"}]}]),
+        json!([{"coding": [{"system": "http://other", "code": "vital-signs"}, {"system": "http://other", "code": "survey"}]}]),
+        json!(null),
+    ];
+    let codes = [
+        json!({"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}),
+        json!({"coding": [{"system": "http://loinc.org", "code": "9279-1"}]}),
+        json!({"coding": [{"system": "http://loinc.org", "code": "2339-0"}, {"system": "http://local", "code": "glu"}]}),
+        json!({"coding": [{"code": "8867-4"}]}),
+    ];
+    let statuses = ["final", "preliminary", "amended", "entered-in-error"];
+    let n = 97;
+    let mut all = Vec::new();
+    let mut ndjson = String::new();
+    for i in 0..n {
+        // Written in an order unrelated to time; every time distinct.
+        let minute = (i * 37) % n;
+        let mut o = json!({
+            "resourceType": "Observation", "id": format!("o{i:03}"),
+            "status": statuses[(i / 2) % statuses.len()],
+            "code": codes[i % codes.len()],
+            "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": format!("2026-01-01T{:02}:{:02}:00Z", minute / 60, minute % 60),
+        });
+        if !cats[i % cats.len()].is_null() {
+            o["category"] = cats[(i / 3) % cats.len()].clone();
+        }
+        ndjson.push_str(&o.to_string());
+        ndjson.push('\n');
+        all.push(o);
+    }
+    let file = b.file("Observation.ndjson", ndjson.as_bytes());
+    b.import("clinic-a", &[&file]);
+    all.sort_by(|x, y| {
+        y["effectiveDateTime"]
+            .as_str()
+            .cmp(&x["effectiveDateTime"].as_str())
+    });
+
+    // (query, scopes): the query's category, status and code tokens are
+    // AND-ed lists of OR-ed alternatives, as the scopes' are.
+    let cases: &[(&str, &[&str])] = &[
+        ("category=vital-signs&status=final,amended", &[]),
+        ("category=vital-signs,laboratory", &[]),
+        (&format!("category={vs}|vital-signs")[..], &[]),
+        ("category=http://other|", &[]),
+        ("category=|survey", &[]),
+        ("category=vital-signs&category=survey", &[]),
+        (
+            &format!("category=vital-signs&status={status_sys}|final")[..],
+            &[],
+        ),
+        ("category=vital-signs&status=|final", &[]),
+        ("category=laboratory&status=final,amended,preliminary", &[]),
+        ("category=vital-signs&code=http://loinc.org|8867-4", &[]),
+        (
+            "category=vital-signs",
+            &[&format!("patient/Observation.rs?category={vs}|vital-signs")[..]],
+        ),
+        (
+            "category=vital-signs,laboratory",
+            &["patient/Observation.rs?category=survey"],
+        ),
+        (
+            "category=laboratory,survey",
+            &[
+                "patient/Observation.rs?category=survey",
+                "patient/Observation.rs?status=final",
+            ],
+        ),
+    ];
+    for (query, scopes) in cases {
+        let pairs: Vec<(&str, &str)> = query
+            .split('&')
+            .map(|p| p.split_once('=').unwrap())
+            .collect();
+        let scope_pairs: Vec<(&str, &str)> = scopes
+            .iter()
+            .map(|s| s.split_once('?').unwrap().1.split_once('=').unwrap())
+            .collect();
+        let holds = |o: &Value, (name, value): (&str, &str)| -> bool {
+            let have = match name {
+                "category" => codings(&o["category"]),
+                "code" => codings(&o["code"]),
+                "status" => vec![(
+                    status_sys.to_owned(),
+                    o["status"].as_str().unwrap().to_owned(),
+                )],
+                _ => unreachable!(),
+            };
+            value.split(',').any(|alt| token_matches(alt, &have))
+        };
+        let passing: Vec<Value> = all
+            .iter()
+            .filter(|o| pairs.iter().all(|p| holds(o, *p)))
+            .filter(|o| scopes.is_empty() || scope_pairs.iter().any(|p| holds(o, *p)))
+            .cloned()
+            .collect();
+        for max in [1, 2] {
+            let mut args = vec![
+                "--json",
+                "fhir",
+                "search",
+                "--tenant",
+                "clinic-a",
+                "--patient",
+                "p1",
+            ];
+            for s in scopes.iter() {
+                args.extend(["--scope", s]);
+            }
+            let q = format!("Observation/$lastn?{query}&max={max}");
+            args.push(&q);
+            let got: Value = serde_json::from_slice(&b.run(&args).stdout)
+                .unwrap_or_else(|e| panic!("{q} {scopes:?}: {e}"));
+            let got: Vec<String> = got["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+                .collect();
+            let want = lastn_by_hand(&passing, max);
+            // Only `|final` (no system, where status has one) finds nothing.
+            assert_eq!(
+                want.is_empty(),
+                query.contains("status=|"),
+                "{q} {scopes:?}: a case with an answer"
+            );
+            assert_eq!(got, want, "{q} {scopes:?}");
+        }
+    }
+}

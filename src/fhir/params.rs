@@ -89,6 +89,9 @@ pub mod codes {
     pub const RECORDED_DATE: i64 = 23;
 }
 
+/// Observation's type code (its `$lastn` table, `obs_lastn`, is only for it).
+pub const OBSERVATION: i64 = 2;
+
 /// Every indexed type. Codes are stable (stored in `fhir.db`).
 pub static TYPES: &[TypeDef] = &[
     TypeDef {

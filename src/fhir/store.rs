@@ -295,7 +295,36 @@ fn stored_json(res: &Value, version: i64, ms: i64) -> String {
     .unwrap_or_default()
 }
 
+/// Deletes a resource's index rows. `obs_lastn` first: its keys are the
+/// resource's `code` × `category` rows of `idx_token` (as written by
+/// [`write_index`] and schema migration 3), so each is one seek by the
+/// whole key.
 fn clear_index(conn: &Connection, rid: i64) -> rusqlite::Result<()> {
+    let keys: Vec<(i64, String, String, String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT c.tid, c.patient, k.code, c.code, c.system, c.sort_ms
+               FROM idx_token c
+               JOIN idx_token k ON k.rid = c.rid AND k.param = 2 AND k.patient = c.patient
+              WHERE c.rid = ?1 AND c.param = 1 AND c.type = 2",
+        )?
+        .query_map([rid], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut lastn = conn.prepare_cached(
+        "DELETE FROM obs_lastn WHERE tid = ?1 AND patient = ?2 AND category = ?3 \
+         AND code = ?4 AND system = ?5 AND sort_ms = ?6 AND rid = ?7",
+    )?;
+    for (tid, patient, category, code, system, sort) in keys {
+        lastn.execute(params![tid, patient, category, code, system, sort, rid])?;
+    }
     for sql in [
         "DELETE FROM compartment WHERE rid = ?1",
         "DELETE FROM idx_token WHERE rid = ?1",
@@ -330,8 +359,27 @@ fn write_index(
     )?;
     let mut dat = conn
         .prepare_cached("INSERT OR IGNORE INTO idx_date VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?;
+    let lastn = LastnRows::of(def, &e);
+    let mut obs = conn.prepare_cached(
+        "INSERT OR IGNORE INTO obs_lastn VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
     for patient in patients {
         comp.execute(params![tid, patient, def.code, sort, rid])?;
+        for (cat_system, cat) in &lastn.categories {
+            for (system, code) in &lastn.codes {
+                obs.execute(params![
+                    tid,
+                    patient,
+                    cat,
+                    code,
+                    system,
+                    sort,
+                    rid,
+                    cat_system,
+                    lastn.status
+                ])?;
+            }
+        }
         for (param, system, code) in &e.tokens {
             tok.execute(params![
                 tid,
@@ -355,6 +403,44 @@ fn write_index(
             .execute(params![rid, target])?;
     }
     Ok(())
+}
+
+/// An Observation's `obs_lastn` rows (schema migration 3): every
+/// (category, code) coding pair, with the one status (None when there is
+/// not exactly one). Empty for every other type.
+struct LastnRows<'a> {
+    categories: Vec<(&'a str, &'a str)>,
+    codes: Vec<(&'a str, &'a str)>,
+    status: Option<&'a str>,
+}
+
+impl<'a> LastnRows<'a> {
+    fn of(def: &TypeDef, e: &'a p::Extracted) -> LastnRows<'a> {
+        let mut rows = LastnRows {
+            categories: Vec::new(),
+            codes: Vec::new(),
+            status: None,
+        };
+        if def.code != p::OBSERVATION {
+            return rows;
+        }
+        let mut statuses: Vec<(&str, &str)> = Vec::new();
+        for (param, system, code) in &e.tokens {
+            let pair = (system.as_deref().unwrap_or(""), code.as_str());
+            match *param {
+                p::codes::CATEGORY => rows.categories.push(pair),
+                p::codes::CODE => rows.codes.push(pair),
+                p::codes::STATUS => statuses.push(pair),
+                _ => {}
+            }
+        }
+        statuses.sort_unstable();
+        statuses.dedup();
+        if let [(_, status)] = statuses[..] {
+            rows.status = Some(status);
+        }
+        rows
+    }
 }
 
 /// A stored, live resource.

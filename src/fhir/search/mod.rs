@@ -29,8 +29,8 @@ use serde_json::value::RawValue;
 use super::params as p;
 use super::{store, tenant_id};
 use crate::scopes::Scope;
+use query::{Filter, SortKey, with_offset};
 pub use query::{Query, parse};
-use query::{SortKey, with_offset};
 use sql::{Sql2, build_where, scope_cond, scope_filters};
 
 /// Who is asking: one tenant, optionally one patient, and their grants.
@@ -242,9 +242,13 @@ fn search_inner(
 /// scope; all of them, each once, newest first (by the `date` sort key),
 /// without `total` or paging.
 ///
-/// The groups are found by a loose index scan (one seek per group, not a
-/// pass over the history), and each group is one backward range scan that
-/// stops at `max`: the cost follows the number of codes, not of rows.
+/// Read from `obs_lastn`, category by category: for each alternative of
+/// the (required) `category`, the groups of that category are found by a
+/// loose index scan (one seek per group, not a pass over the history),
+/// and each group is one backward range scan that stops at `max`. The cost
+/// follows the number of codes in the asked categories, not of rows, and
+/// codes of other categories (a patient's labs, when vital signs are asked
+/// for) are never read.
 fn lastn(
     conn: &Connection,
     q: &Query,
@@ -253,33 +257,65 @@ fn lastn(
     scope: &Option<sql::ScopeFilter>,
     max: usize,
 ) -> Result<Bundle, SearchError> {
-    // Groups from the highest (code, system) down: each seek lands on the
-    // group's newest row, whose index page the group's own scan below then
-    // finds in the cache.
-    let mut group_sql = sql::build_lastn_group(q, tid, patient, scope, max);
-    let mut group_stmt = conn.prepare_cached(&group_sql.text)?;
-    let mut found: Vec<(i64, i64)> = Vec::new();
-    let mut group: Option<(String, String)> = conn
-        .prepare_cached(sql::LASTN_FIRST_GROUP)?
-        .query_row(rusqlite::params![tid, patient], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+    let categories = q
+        .filters
+        .iter()
+        .find_map(|f| match f {
+            Filter::Token { param, alts } if *param == p::codes::CATEGORY => Some(alts.as_slice()),
+            _ => None,
         })
-        .optional()?;
-    while let Some((system, code)) = group {
-        group_sql.args[sql::LASTN_CODE_ARG] = code.clone().into();
-        group_sql.args[sql::LASTN_CODE_ARG + 1] = system.clone().into();
-        let rows = group_stmt.query_map(params_from_iter(group_sql.args.iter()), |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(0)?))
-        })?;
-        for row in rows {
-            found.push(row?);
+        .ok_or_else(|| invalid("$lastn: a category parameter is required"))?;
+    // (system, code) → its newest (sort key, rid), from every alternative.
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<(i64, i64)>> =
+        std::collections::BTreeMap::new();
+    for alt in categories {
+        let category = sql::lastn_category(alt);
+        let mut group_sql = sql::build_lastn_group(q, tid, patient, scope, max, alt);
+        let mut group_stmt = conn.prepare_cached(&group_sql.text)?;
+        let group_of = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, String)> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        };
+        // Groups from the highest down: each seek lands on the group's
+        // newest row, whose page the group's own scan then finds cached.
+        let mut group = match category {
+            Some(c) => conn
+                .prepare_cached(sql::LASTN_FIRST_GROUP)?
+                .query_row(rusqlite::params![tid, patient, c], group_of),
+            None => conn
+                .prepare_cached(sql::LASTN_FIRST_GROUP_ANY)?
+                .query_row(rusqlite::params![tid, patient], group_of),
         }
-        group = conn
-            .prepare_cached(sql::LASTN_NEXT_GROUP)?
-            .query_row(rusqlite::params![tid, patient, code, system], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+        .optional()?;
+        while let Some((cat, system, code)) = group {
+            let at = sql::LASTN_GROUP_ARG;
+            group_sql.args[at] = cat.clone().into();
+            group_sql.args[at + 1] = code.clone().into();
+            group_sql.args[at + 2] = system.clone().into();
+            let rows = group_stmt.query_map(params_from_iter(group_sql.args.iter()), |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(0)?))
+            })?;
+            let newest = groups.entry((system.clone(), code.clone())).or_default();
+            for row in rows {
+                newest.push(row?);
+            }
+            group = match category {
+                Some(c) => conn
+                    .prepare_cached(sql::LASTN_NEXT_GROUP)?
+                    .query_row(rusqlite::params![tid, patient, c, code, system], group_of),
+                None => conn
+                    .prepare_cached(sql::LASTN_NEXT_GROUP_ANY)?
+                    .query_row(rusqlite::params![tid, patient, cat, code, system], group_of),
+            }
             .optional()?;
+        }
+    }
+    // A group read under several categories keeps its newest `max`.
+    let mut found: Vec<(i64, i64)> = Vec::new();
+    for (_, mut rows) in groups {
+        rows.sort_unstable_by(|a, b| b.cmp(a));
+        rows.dedup();
+        rows.truncate(max);
+        found.extend(rows);
     }
     // An Observation with several codings is in several groups: once here.
     found.sort_unstable_by(|a, b| b.cmp(a));

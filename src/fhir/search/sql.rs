@@ -250,13 +250,25 @@ fn push_filters(
     scope: &Option<ScopeFilter>,
     lone_scope: bool,
 ) {
-    let def = q.def;
     for (i, (param, alts)) in tokens.iter().enumerate() {
         if skip == Some(i) {
             continue;
         }
         exists_token(sql, *param, alts);
     }
+    push_other_filters(sql, q, tid, scope, lone_scope);
+}
+
+/// Appends the conditions on `d` that are not AND-ed tokens: dates, ids,
+/// `_lastUpdated`, and the OR of several scopes.
+fn push_other_filters(
+    sql: &mut Sql2,
+    q: &Query,
+    tid: i64,
+    scope: &Option<ScopeFilter>,
+    lone_scope: bool,
+) {
+    let def = q.def;
     for f in &q.filters {
         match f {
             Filter::Token { .. } => {}
@@ -299,65 +311,132 @@ fn push_filters(
     }
 }
 
-/// `Observation.code` rows, read through the partial index
-/// `idx_token_lastn` (schema migration 2): the literals must match its
-/// `WHERE` for SQLite to use it. A macro, so that the group seeks below
-/// are whole literals (`concat!`).
-macro_rules! lastn_rows {
-    () => {
-        "d.type = 2 AND d.param = 1"
-    };
+/// `$lastn` reads `obs_lastn` (schema migration 3): a patient's
+/// Observation code groups, within one category, in (`code`, `system`)
+/// order, each group's rows newest first.
+///
+/// The first group of category ?3: its (category, system, code).
+pub(super) const LASTN_FIRST_GROUP: &str = "SELECT category, system, code FROM obs_lastn \
+     WHERE tid = ?1 AND patient = ?2 AND category = ?3 \
+     ORDER BY code DESC, system DESC, sort_ms DESC LIMIT 1";
+
+/// The next group of category ?3 below (`code`, `system`) = (?4, ?5).
+pub(super) const LASTN_NEXT_GROUP: &str = "SELECT category, system, code FROM obs_lastn \
+     WHERE tid = ?1 AND patient = ?2 AND category = ?3 AND (code, system) < (?4, ?5) \
+     ORDER BY code DESC, system DESC, sort_ms DESC LIMIT 1";
+
+/// For a `system|` category (any code): the first group of any category.
+pub(super) const LASTN_FIRST_GROUP_ANY: &str = "SELECT category, system, code FROM obs_lastn \
+     WHERE tid = ?1 AND patient = ?2 \
+     ORDER BY category DESC, code DESC, system DESC, sort_ms DESC LIMIT 1";
+
+/// For a `system|` category: the next group below (?3, ?4, ?5).
+pub(super) const LASTN_NEXT_GROUP_ANY: &str = "SELECT category, system, code FROM obs_lastn \
+     WHERE tid = ?1 AND patient = ?2 AND (category, code, system) < (?3, ?4, ?5) \
+     ORDER BY category DESC, code DESC, system DESC, sort_ms DESC LIMIT 1";
+
+/// The category code an alternative of `$lastn`'s `category` names
+/// (None for `system|`, which names every code of a system).
+pub(super) fn lastn_category(alt: &TokenQ) -> Option<&str> {
+    match alt {
+        TokenQ::Code(c) | TokenQ::SysCode(_, c) | TokenQ::NoSys(c) => Some(c),
+        TokenQ::SysOnly(_) => None,
+    }
 }
-pub(super) const LASTN_ROWS: &str = lastn_rows!();
 
-/// `$lastn`'s first group: the highest (`code`, `system`) of the patient.
-pub(super) const LASTN_FIRST_GROUP: &str = concat!(
-    "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn WHERE ",
-    lastn_rows!(),
-    " AND d.tid = ?1 AND d.patient = ?2",
-    " ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1"
-);
+/// Whether every `obs_lastn` row read for category alternative `alt`
+/// (its category code, and its category system when `alt` names one)
+/// shows that its resource matches the category token `t`.
+fn category_implied(t: &TokenQ, alt: &TokenQ) -> bool {
+    let (alt_sys, alt_code) = match alt {
+        TokenQ::Code(c) => (None, Some(c)),
+        TokenQ::SysCode(s, c) => (Some(s.as_str()), Some(c)),
+        TokenQ::NoSys(c) => (Some(""), Some(c)),
+        TokenQ::SysOnly(s) => (Some(s.as_str()), None),
+    };
+    match t {
+        TokenQ::Code(c) => alt_code == Some(c),
+        TokenQ::SysCode(s, c) => alt_code == Some(c) && alt_sys == Some(s.as_str()),
+        TokenQ::NoSys(c) => alt_code == Some(c) && alt_sys == Some(""),
+        TokenQ::SysOnly(s) => alt_sys == Some(s.as_str()),
+    }
+}
 
-/// `$lastn`'s next group: the highest (`code`, `system`) below (?3, ?4).
-pub(super) const LASTN_NEXT_GROUP: &str = concat!(
-    "SELECT d.system, d.code FROM idx_token d INDEXED BY idx_token_lastn WHERE ",
-    lastn_rows!(),
-    " AND d.tid = ?1 AND d.patient = ?2 AND (d.code, d.system) < (?3, ?4)",
-    " ORDER BY d.code DESC, d.system DESC, d.sort_ms DESC LIMIT 1"
-);
-
-/// `$lastn` for one code group: the newest `max` rows of one (`system`,
-/// `code`) in the patient's compartment that pass every filter and scope,
-/// newest first. A backward range scan of `idx_token_lastn` that stops at
-/// `max`, starting on the page the group's seek just read. Built once per
-/// search: the group's code and system are the arguments at
-/// [`LASTN_CODE_ARG`] and [`LASTN_CODE_ARG`] + 1, set for each group.
+/// `$lastn` for one code group of one category alternative `alt` of the
+/// query's `category`: the newest `max` rows of one (`category`, `code`,
+/// `system`) in the patient's `obs_lastn` that pass every filter and
+/// scope, newest first. A backward range scan that stops at `max`,
+/// starting on the page the group's seek just read. Built once per
+/// alternative: the group's category, code and system are the arguments at
+/// [`LASTN_GROUP_ARG`] and the two after it, set for each group.
+///
+/// The rows make most conditions column tests: the query's `category`
+/// (the rows are that category's) and any category token they imply, and
+/// a `status` of plain codes (the `status` column, unless it is NULL).
+/// Every other condition is the same `EXISTS` as in any search.
 pub(super) fn build_lastn_group(
     q: &Query,
     tid: i64,
     patient: &str,
     scope: &Option<ScopeFilter>,
     max: usize,
+    alt: &TokenQ,
 ) -> Sql2 {
+    use crate::fhir::params::codes::{CATEGORY, STATUS};
     let (tokens, lone_scope) = and_tokens(q, scope);
     let mut sql = Sql2::default();
-    sql.push(&format!(
-        "SELECT d.rid, d.sort_ms FROM idx_token d INDEXED BY idx_token_lastn WHERE {LASTN_ROWS} AND d.tid = "
-    ));
+    sql.push("SELECT d.rid, d.sort_ms FROM obs_lastn d WHERE d.tid = ");
     sql.arg(tid);
     sql.push(" AND d.patient = ");
     sql.arg(patient.to_owned());
+    sql.push(" AND d.category = ");
+    sql.arg(String::new());
     sql.push(" AND d.code = ");
     sql.arg(String::new());
     sql.push(" AND d.system = ");
     sql.arg(String::new());
-    push_filters(&mut sql, q, tid, &tokens, None, scope, lone_scope);
+    match alt {
+        TokenQ::SysCode(s, _) | TokenQ::SysOnly(s) => {
+            sql.push(" AND d.cat_system = ");
+            sql.arg(s.clone());
+        }
+        TokenQ::NoSys(_) => sql.push(" AND d.cat_system = ''"),
+        TokenQ::Code(_) => {}
+    }
+    // The query's own category (the first category token) is the
+    // alternative being read.
+    let own = tokens.iter().position(|(p, _)| *p == CATEGORY);
+    for (i, (param, alts)) in tokens.iter().enumerate() {
+        if Some(i) == own {
+            continue;
+        }
+        match (*param, alts.as_slice()) {
+            (CATEGORY, [t]) if category_implied(t, alt) => {}
+            (STATUS, _) if alts.iter().all(|a| matches!(a, TokenQ::Code(_))) => {
+                sql.push(" AND (d.status IN (");
+                for (k, a) in alts.iter().enumerate() {
+                    if let TokenQ::Code(c) = a {
+                        if k > 0 {
+                            sql.push(", ");
+                        }
+                        sql.arg(c.clone());
+                    }
+                }
+                sql.push(") OR (d.status IS NULL");
+                exists_token(&mut sql, *param, alts);
+                sql.push("))");
+            }
+            _ => exists_token(&mut sql, *param, alts),
+        }
+    }
+    push_other_filters(&mut sql, q, tid, scope, lone_scope);
     sql.push(&format!(" ORDER BY d.sort_ms DESC, d.rid DESC LIMIT {max}"));
     sql
 }
 
-/// Where [`build_lastn_group`] binds the group's code (and, next, system).
-pub(super) const LASTN_CODE_ARG: usize = 2;
+/// Where [`build_lastn_group`] binds the group's category (and, next, its
+/// code and system).
+pub(super) const LASTN_GROUP_ARG: usize = 2;
 
 /// Appends ` AND (…)`: the OR of each scope's AND-ed token conditions on `d`.
 pub(super) fn scope_cond(sql: &mut Sql2, ors: &ScopeFilter) {
@@ -386,11 +465,55 @@ pub(super) fn exists_token(sql: &mut Sql2, param: i64, alts: &[TokenQ]) {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_lastn_literals_are_observation_code() {
-        // LASTN_ROWS and migration 2's partial index spell these out.
-        let obs = crate::fhir::params::type_def("Observation").unwrap();
-        assert_eq!(obs.code, 2);
-        assert_eq!(obs.param("code").map(|p| p.code), Some(1));
-        assert!(crate::fhir::schema::MIGRATIONS[1].contains("WHERE type = 2 AND param = 1"));
+    fn the_lastn_literals_are_observation_code_category_and_status() {
+        // Migration 3 fills obs_lastn with these codes spelt out.
+        use crate::fhir::params::{OBSERVATION, codes, type_def};
+        let obs = type_def("Observation").unwrap();
+        assert_eq!(obs.code, OBSERVATION);
+        assert_eq!(OBSERVATION, 2);
+        assert_eq!(obs.param("code").map(|p| p.code), Some(codes::CODE));
+        assert_eq!(obs.param("category").map(|p| p.code), Some(codes::CATEGORY));
+        assert_eq!(obs.param("status").map(|p| p.code), Some(codes::STATUS));
+        assert_eq!((codes::CODE, codes::CATEGORY, codes::STATUS), (1, 2, 3));
+        let m = crate::fhir::schema::MIGRATIONS[2];
+        assert!(m.contains("c.type = 2 AND c.param = 1"), "{m}");
+        assert!(
+            m.contains("k.param = 2") && m.contains("s.param = 3"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_category_token_is_implied_only_by_rows_that_show_it() {
+        use super::{TokenQ as T, category_implied};
+        let code = |c: &str| T::Code(c.into());
+        let sys = |s: &str, c: &str| T::SysCode(s.into(), c.into());
+        // Rows of alternative `vital-signs` (any system) show the code only.
+        assert!(category_implied(&code("vital-signs"), &code("vital-signs")));
+        assert!(!category_implied(
+            &sys("s", "vital-signs"),
+            &code("vital-signs")
+        ));
+        assert!(!category_implied(&code("laboratory"), &code("vital-signs")));
+        // Rows of `s|vital-signs` show both.
+        assert!(category_implied(
+            &sys("s", "vital-signs"),
+            &sys("s", "vital-signs")
+        ));
+        assert!(category_implied(
+            &T::SysOnly("s".into()),
+            &sys("s", "vital-signs")
+        ));
+        assert!(!category_implied(
+            &sys("t", "vital-signs"),
+            &sys("s", "vital-signs")
+        ));
+        assert!(category_implied(
+            &T::NoSys("x".into()),
+            &T::NoSys("x".into())
+        ));
+        assert!(!category_implied(&T::NoSys("x".into()), &code("x")));
+        // Rows of `s|` show the system only.
+        assert!(!category_implied(&code("x"), &T::SysOnly("s".into())));
     }
 }
