@@ -385,8 +385,10 @@ fn category_implied(t: &TokenQ, alt: &TokenQ) -> bool {
 /// [`LASTN_GROUP_ARG`] and the two after it, set for each group.
 ///
 /// The rows make most conditions column tests: the query's `category`
-/// (the rows are that category's) and any category token they imply, and
-/// a `status` of plain codes (the `status` column, unless it is NULL).
+/// (the rows are that category's) and any category token they imply; any
+/// other category token is tested on the row's own category coding first
+/// (a scope's `system|vital-signs` against a query's `vital-signs`); and a
+/// `status` of plain codes is the `status` column, unless it is NULL.
 /// Every other condition is the same `EXISTS` as in any search.
 pub(super) fn build_lastn_group(
     q: &Query,
@@ -426,17 +428,29 @@ pub(super) fn build_lastn_group(
         }
         match (*param, alts.as_slice()) {
             (CATEGORY, [t]) if category_implied(t, alt) => {}
+            // The row's own category coding shows most matches; the
+            // resource's other category codings are looked up only when
+            // it does not.
+            (CATEGORY, _) => {
+                sql.push(" AND (");
+                row_category_cond(&mut sql, alts);
+                sql.push(" OR (1");
+                exists_token(&mut sql, *param, alts);
+                sql.push("))");
+            }
+            // The `status` column, unless the resource has not exactly one.
+            // Equalities OR-ed, not `IN (…)`, which SQLite builds a
+            // temporary b-tree for on every run.
             (STATUS, _) if alts.iter().all(|a| matches!(a, TokenQ::Code(_))) => {
-                sql.push(" AND (d.status IN (");
-                for (k, a) in alts.iter().enumerate() {
+                sql.push(" AND (");
+                for a in alts {
                     if let TokenQ::Code(c) = a {
-                        if k > 0 {
-                            sql.push(", ");
-                        }
+                        sql.push("d.status = ");
                         sql.arg(c.clone());
+                        sql.push(" OR ");
                     }
                 }
-                sql.push(") OR (d.status IS NULL");
+                sql.push("(d.status IS NULL");
                 exists_token(&mut sql, *param, alts);
                 sql.push("))");
             }
@@ -446,6 +460,40 @@ pub(super) fn build_lastn_group(
     push_other_filters(&mut sql, q, tid, scope, lone_scope);
     sql.push(&format!(" ORDER BY d.sort_ms DESC, d.rid DESC LIMIT {max}"));
     sql
+}
+
+/// Whether an `obs_lastn` row's own category coding (`d.category`,
+/// `d.cat_system`) matches one of `alts`.
+fn row_category_cond(sql: &mut Sql2, alts: &[TokenQ]) {
+    sql.push("(");
+    for (i, a) in alts.iter().enumerate() {
+        if i > 0 {
+            sql.push(" OR ");
+        }
+        match a {
+            TokenQ::Code(c) => {
+                sql.push("d.category = ");
+                sql.arg(c.clone());
+            }
+            TokenQ::SysCode(s, c) => {
+                sql.push("(d.category = ");
+                sql.arg(c.clone());
+                sql.push(" AND d.cat_system = ");
+                sql.arg(s.clone());
+                sql.push(")");
+            }
+            TokenQ::NoSys(c) => {
+                sql.push("(d.category = ");
+                sql.arg(c.clone());
+                sql.push(" AND d.cat_system = '')");
+            }
+            TokenQ::SysOnly(s) => {
+                sql.push("d.cat_system = ");
+                sql.arg(s.clone());
+            }
+        }
+    }
+    sql.push(")");
 }
 
 /// Where [`build_lastn_group`] binds the group's category (and, next, its
