@@ -149,6 +149,20 @@ pub fn panicpoint(name: &str) {
     }
 }
 
+/// Like [`failpoint`], but waits [`DELAYPOINT_WAIT`] when the variable
+/// equals `delay:` + `name`: for tests of a slow host (a stalled disk
+/// behind a host function) without loading the machine.
+pub fn delaypoint(name: &str) {
+    if std::env::var_os(FAILPOINT_ENV)
+        .is_some_and(|v| v.to_str().and_then(|v| v.strip_prefix("delay:")) == Some(name))
+    {
+        std::thread::sleep(DELAYPOINT_WAIT);
+    }
+}
+
+/// How long an armed [`delaypoint`] waits.
+pub const DELAYPOINT_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
 #[cfg(test)]
 mod tests {
     use super::*;

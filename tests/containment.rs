@@ -473,6 +473,67 @@ fn a_panicking_host_function_is_contained_and_the_instance_replaced() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("p1-v1"));
 }
 
+#[test]
+fn a_timeout_the_host_caused_fails_the_call_but_quarantines_nothing() {
+    let (b, _rt) = setup();
+    let args = [
+        "call",
+        "--tenant",
+        "clinic-a",
+        "--patient",
+        "p1",
+        "--input",
+        "Observation/p1-v1",
+        "evil/hostile",
+        "read",
+    ];
+    // fhir_read waits 300 ms (a stalled disk, say) inside a 50 ms limit:
+    // the call runs out of time with its thread idle. More times than the
+    // quarantine count, and each is still an error with the limit named.
+    let n = Limits::default().quarantine_after + 1;
+    for _ in 0..n {
+        let out = b.run_env(&args, &[("CLINICBOX_FAILPOINT", "delay:host.fhir_read")]);
+        assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+        let e = stderr(&out);
+        assert!(
+            e.contains("exceeded its time limit (50 ms) while the host was overloaded")
+                && e.contains("not counted towards quarantine"),
+            "{e}"
+        );
+    }
+    let rec = last_call(&b);
+    assert_eq!(rec.outcome, "error");
+    assert!(
+        rec.detail.contains("while the host was overloaded"),
+        "{rec:?}"
+    );
+    // Not quarantined: the next call answers.
+    let out = b.run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("p1-v1"));
+    // A plugin that used its time is still counted: spinning calls (timed
+    // out with their thread running) quarantine it. On a loaded machine a
+    // spin may itself be starved and not count, so it gets a few more
+    // tries than the count.
+    let spin = [
+        "call",
+        "--tenant",
+        "clinic-a",
+        "--patient",
+        "p1",
+        "evil/hostile",
+        "spin",
+    ];
+    let quarantined = (0..4 * n).any(|_| {
+        let out = b.run(&spin);
+        assert!(!out.status.success());
+        stderr(&out).contains("plugin evil/hostile is quarantined")
+    });
+    assert!(quarantined, "spinning never quarantined the plugin");
+    let out = b.run(&args);
+    assert!(stderr(&out).contains("is quarantined"), "{}", stderr(&out));
+}
+
 /// Builds `plugins/hostile` (Rust, extism-pdk) with the vendors' script.
 fn hostile_rust_wasm() -> Vec<u8> {
     let out = std::process::Command::new(repo().join("update-bundles/build-plugin.sh"))

@@ -45,7 +45,9 @@ pub(crate) fn host_call(
     let arg = String::from_utf8(arg)
         .map_err(|_| wasmtime::Error::msg(format!("{name}: argument is not UTF-8")))?;
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        crate::fsutil::panicpoint(&format!("host.{name}"));
+        let point = format!("host.{name}");
+        crate::fsutil::panicpoint(&point);
+        crate::fsutil::delaypoint(&point);
         dispatch(name, granted, &ctx, &arg)
     }));
     let json = match result {

@@ -609,6 +609,7 @@ impl Runtime {
             misbehaved,
         };
         let ran = Instant::now();
+        let cpu_before = thread_cpu_time();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             instance.call(
                 &req.function,
@@ -618,6 +619,7 @@ impl Runtime {
             )
         }));
         let guest_us = ran.elapsed().as_micros() as u64;
+        let cpu_used = thread_cpu_time().saturating_sub(cpu_before);
         pending.append(&mut ctx.pending.lock().unwrap_or_else(|p| p.into_inner()));
         let host_db_us = ctx.db_ns.load(Ordering::Relaxed) / 1000;
         let dropped = instance.dropped_log_bytes;
@@ -638,6 +640,20 @@ impl Runtime {
                 "panicked inside the host; instance discarded".into(),
                 false,
             )),
+            // Out of time while its thread hardly ran: the host was too
+            // busy (or a host function too slow), not the plugin too long.
+            Ok(Err(host::Failure::Timeout)) if starved(cpu_used, loaded.ilimits.timeout) => {
+                Err(fail(
+                    format!(
+                        "exceeded its time limit ({} ms) while the host was overloaded: \
+                         its thread ran {:.1} ms of them; instance discarded, \
+                         not counted towards quarantine",
+                        loaded.ilimits.timeout.as_millis(),
+                        cpu_used.as_secs_f64() * 1e3
+                    ),
+                    false,
+                ))
+            }
             Ok(Err(e)) => Err(fail(
                 describe(&e, &loaded.ilimits),
                 !matches!(e, host::Failure::Guest(_) | host::Failure::Host(_)),
@@ -811,6 +827,27 @@ fn cache_dir(dir: &DataDir) -> Result<std::path::PathBuf> {
 /// A plugin failure in words: the guest's error message, or the trap. A
 /// limit is named as enforced (`l`: the manifest's, within the box's
 /// `Limits`), not as signed.
+/// The CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`). A call
+/// runs on its caller's thread, host functions included.
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Whether a call that ran out of its wall-clock `limit` was starved: its
+/// thread ran for less than a quarter of it. Then the host was overloaded
+/// (more runnable threads than cores) or a host function waited (on a
+/// stalled disk, say); the call still fails, bounded as always, but it is
+/// no evidence against the plugin and counts nothing towards quarantine,
+/// so an overload cannot quarantine the plugins it delays. A plugin that
+/// spins gets its limit's worth of CPU unless the box is starving it.
+fn starved(ran: Duration, limit: Duration) -> bool {
+    ran < limit / 4
+}
+
 fn describe(e: &host::Failure, l: &host::InstanceLimits) -> String {
     use host::Failure as F;
     match e {
@@ -825,5 +862,33 @@ fn describe(e: &host::Failure, l: &host::InstanceLimits) -> String {
         F::StackOverflow => "stack overflow (call stack exhausted); instance discarded".into(),
         F::Trap(t) => format!("trapped: {t}; instance discarded"),
         F::OutputTooLarge(..) | F::Guest(_) | F::Host(_) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{starved, thread_cpu_time};
+
+    #[test]
+    fn a_timeout_is_starved_below_a_quarter_of_the_limit_of_cpu() {
+        let ms = Duration::from_millis;
+        assert!(starved(ms(12), ms(50)));
+        assert!(!starved(ms(13), ms(50)));
+        assert!(!starved(ms(50), ms(50)));
+    }
+
+    #[test]
+    fn thread_cpu_time_counts_running_not_sleeping() {
+        let t0 = thread_cpu_time();
+        std::thread::sleep(Duration::from_millis(30));
+        let slept = thread_cpu_time() - t0;
+        let t1 = thread_cpu_time();
+        let start = Instant::now();
+        while thread_cpu_time() - t1 < Duration::from_millis(20) {
+            assert!(start.elapsed() < Duration::from_secs(30), "never ran");
+        }
+        assert!(slept < Duration::from_millis(10), "{slept:?}");
     }
 }
