@@ -444,20 +444,24 @@ fn undeclared_imports_wasi_and_http_are_refused_at_install_by_name() {
     assert!(b.installed().is_empty());
 }
 
+/// `clinicbox call`: the hostile plugin reads p1's Observation p1-v1
+/// through `fhir_read`.
+const READ_P1_V1: [&str; 9] = [
+    "call",
+    "--tenant",
+    "clinic-a",
+    "--patient",
+    "p1",
+    "--input",
+    "Observation/p1-v1",
+    "evil/hostile",
+    "read",
+];
+
 #[test]
 fn a_panicking_host_function_is_contained_and_the_instance_replaced() {
     let (b, _rt) = setup();
-    let args = [
-        "call",
-        "--tenant",
-        "clinic-a",
-        "--patient",
-        "p1",
-        "--input",
-        "Observation/p1-v1",
-        "evil/hostile",
-        "read",
-    ];
+    let args = READ_P1_V1;
     // The host's failure, however often, is not the plugin's: no quarantine.
     for _ in 0..6 {
         let out = b.run_env(&args, &[("CLINICBOX_FAILPOINT", "host.fhir_read")]);
@@ -476,17 +480,7 @@ fn a_panicking_host_function_is_contained_and_the_instance_replaced() {
 #[test]
 fn a_timeout_the_host_caused_fails_the_call_but_quarantines_nothing() {
     let (b, _rt) = setup();
-    let args = [
-        "call",
-        "--tenant",
-        "clinic-a",
-        "--patient",
-        "p1",
-        "--input",
-        "Observation/p1-v1",
-        "evil/hostile",
-        "read",
-    ];
+    let args = READ_P1_V1;
     // fhir_read waits 300 ms (a stalled disk, say) inside a 50 ms limit:
     // the call runs out of time with its thread idle. More times than the
     // quarantine count, and each is still an error with the limit named.

@@ -89,6 +89,16 @@ pub(super) fn scope_filters(
 }
 
 pub(super) fn token_cond(sql: &mut Sql2, alias: &str, alts: &[TokenQ]) {
+    token_cond_on(
+        sql,
+        &format!("{alias}.code"),
+        &format!("{alias}.system"),
+        alts,
+    );
+}
+
+/// ` (…)`: whether the (`code`, `system`) columns match one of `alts`.
+fn token_cond_on(sql: &mut Sql2, code: &str, system: &str, alts: &[TokenQ]) {
     sql.push("(");
     for (i, a) in alts.iter().enumerate() {
         if i > 0 {
@@ -96,23 +106,23 @@ pub(super) fn token_cond(sql: &mut Sql2, alias: &str, alts: &[TokenQ]) {
         }
         match a {
             TokenQ::Code(c) => {
-                sql.push(&format!("{alias}.code = "));
+                sql.push(&format!("{code} = "));
                 sql.arg(c.clone());
             }
             TokenQ::SysCode(s, c) => {
-                sql.push(&format!("({alias}.code = "));
+                sql.push(&format!("({code} = "));
                 sql.arg(c.clone());
-                sql.push(&format!(" AND {alias}.system = "));
+                sql.push(&format!(" AND {system} = "));
                 sql.arg(s.clone());
                 sql.push(")");
             }
             TokenQ::NoSys(c) => {
-                sql.push(&format!("({alias}.code = "));
+                sql.push(&format!("({code} = "));
                 sql.arg(c.clone());
-                sql.push(&format!(" AND {alias}.system = '')"));
+                sql.push(&format!(" AND {system} = '')"));
             }
             TokenQ::SysOnly(s) => {
-                sql.push(&format!("{alias}.system = "));
+                sql.push(&format!("{system} = "));
                 sql.arg(s.clone());
             }
         }
@@ -433,7 +443,7 @@ pub(super) fn build_lastn_group(
             // it does not.
             (CATEGORY, _) => {
                 sql.push(" AND (");
-                row_category_cond(&mut sql, alts);
+                token_cond_on(&mut sql, "d.category", "d.cat_system", alts);
                 sql.push(" OR (1");
                 exists_token(&mut sql, *param, alts);
                 sql.push("))");
@@ -460,40 +470,6 @@ pub(super) fn build_lastn_group(
     push_other_filters(&mut sql, q, tid, scope, lone_scope);
     sql.push(&format!(" ORDER BY d.sort_ms DESC, d.rid DESC LIMIT {max}"));
     sql
-}
-
-/// Whether an `obs_lastn` row's own category coding (`d.category`,
-/// `d.cat_system`) matches one of `alts`.
-fn row_category_cond(sql: &mut Sql2, alts: &[TokenQ]) {
-    sql.push("(");
-    for (i, a) in alts.iter().enumerate() {
-        if i > 0 {
-            sql.push(" OR ");
-        }
-        match a {
-            TokenQ::Code(c) => {
-                sql.push("d.category = ");
-                sql.arg(c.clone());
-            }
-            TokenQ::SysCode(s, c) => {
-                sql.push("(d.category = ");
-                sql.arg(c.clone());
-                sql.push(" AND d.cat_system = ");
-                sql.arg(s.clone());
-                sql.push(")");
-            }
-            TokenQ::NoSys(c) => {
-                sql.push("(d.category = ");
-                sql.arg(c.clone());
-                sql.push(" AND d.cat_system = '')");
-            }
-            TokenQ::SysOnly(s) => {
-                sql.push("d.cat_system = ");
-                sql.arg(s.clone());
-            }
-        }
-    }
-    sql.push(")");
 }
 
 /// Where [`build_lastn_group`] binds the group's category (and, next, its
