@@ -367,6 +367,8 @@ fn lastn_by_category_status_and_scope_equals_the_by_hand_answer() {
         json!([{"coding": [{"system": vs, "code": "laboratory"}]}]),
         json!([{"coding": [{"system": vs, "code": "vital-signs"}]}, {"coding": [{"code": "survey"}]}]),
         json!([{"coding": [{"system": "http://other", "code": "vital-signs"}, {"system": "http://other", "code": "survey"}]}]),
+        // One category code under two systems: two rows of one Observation.
+        json!([{"coding": [{"system": vs, "code": "vital-signs"}, {"system": "http://local", "code": "vital-signs"}]}]),
         json!(null),
     ];
     let codes = [
@@ -389,8 +391,9 @@ fn lastn_by_category_status_and_scope_equals_the_by_hand_answer() {
             "subject": {"reference": "Patient/p1"},
             "effectiveDateTime": format!("2026-01-01T{:02}:{:02}:00Z", minute / 60, minute % 60),
         });
-        if !cats[i % cats.len()].is_null() {
-            o["category"] = cats[(i / 3) % cats.len()].clone();
+        let category = &cats[(i / 3) % cats.len()];
+        if !category.is_null() {
+            o["category"] = category.clone();
         }
         ndjson.push_str(&o.to_string());
         ndjson.push('\n');

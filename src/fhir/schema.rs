@@ -15,15 +15,16 @@
 //! - `idx_ref`: reference targets used by `_include`.
 //! - `obs_lastn`: for `Observation/$lastn`, one row per (category coding,
 //!   code coding) pair of each Observation, keyed (tenant, patient,
-//!   category, code, system, sort key, rid), with the category's system and
-//!   the Observation's status alongside. So a patient's code groups *within
-//!   a category* are one loose index scan, each group newest first, and the
-//!   usual `status` filter is a column test: a group none of whose rows can
-//!   pass (a lab code, asked for vital signs) is never visited, however
-//!   long its history. `status` is NULL unless the resource has exactly
-//!   one status. No index by rid: its rows are exactly the product of the
-//!   resource's `code` and `category` rows in `idx_token`, which give the
-//!   keys to delete (`store::clear_index`).
+//!   category, code, system, sort key, rid, category system), with the
+//!   Observation's status alongside. So a patient's code groups *within a
+//!   category* are one loose index scan, each group newest first, and the
+//!   usual `status` filter is a column test: the groups of other categories
+//!   (a lab code, when vital signs are asked for) are never visited,
+//!   however long their history. A group is read past its newest rows only
+//!   as far as a filter rejects them. `status` is NULL unless the resource
+//!   has exactly one status. No index by rid: its rows are exactly the
+//!   product of the resource's `code` and `category` rows in `idx_token`,
+//!   which give the keys to delete (`store::clear_index`).
 //!
 //! Invariant: index rows exist only for live (non-deleted) resources and
 //! always match the stored JSON; they are rewritten in the same
@@ -100,9 +101,9 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: `obs_lastn` replaces `idx_token_lastn`, filled from `idx_token`:
     // Observation (type 2) `code` (param 1) rows × the same resource's
     // `category` (param 2) rows for the same patient, with its single
-    // `status` (param 3) or NULL.
+    // `status` (param 3) or NULL. The old index goes last: the fill reads
+    // the Observation code rows through it.
     "
-    DROP INDEX idx_token_lastn;
     CREATE TABLE obs_lastn (
         tid         INTEGER NOT NULL,
         patient     TEXT NOT NULL,
@@ -122,6 +123,7 @@ pub const MIGRATIONS: &[&str] = &[
       FROM idx_token c
       JOIN idx_token k ON k.rid = c.rid AND k.param = 2 AND k.patient = c.patient
      WHERE c.type = 2 AND c.param = 1;
+    DROP INDEX idx_token_lastn;
     ",
 ];
 

@@ -44,12 +44,20 @@ pub(crate) fn host_call(
     let arg = host::read_arg(&mut caller, off, ctx.env.limits.max_host_arg_bytes, name)?;
     let arg = String::from_utf8(arg)
         .map_err(|_| wasmtime::Error::msg(format!("{name}: argument is not UTF-8")))?;
+    let (wall, cpu) = (Instant::now(), super::thread_cpu_time());
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let point = format!("host.{name}");
         crate::fsutil::panicpoint(&point);
         crate::fsutil::delaypoint(&point);
         dispatch(name, granted, &ctx, &arg)
     }));
+    let waited = wall
+        .elapsed()
+        .saturating_sub(super::thread_cpu_time().saturating_sub(cpu));
+    ctx.host_wait_ns.fetch_add(
+        u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let json = match result {
         Ok(Ok(json)) => json,
         Ok(Err(e)) => return Err(wasmtime::Error::msg(format!("{name}: {e:#}"))),

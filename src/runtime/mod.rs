@@ -82,6 +82,10 @@ pub struct CallCtx {
     /// Nanoseconds host functions spent in SQLite (queries and access
     /// records) during this call.
     pub db_ns: AtomicU64,
+    /// Nanoseconds host functions kept the plugin waiting during this call
+    /// without computing for it: their wall time less their thread's CPU
+    /// time (a stalled disk, a lock, the thread descheduled).
+    pub host_wait_ns: AtomicU64,
     /// Environment.
     pub env: Arc<Env>,
     /// Access records queued by host functions during this call; the call
@@ -592,6 +596,7 @@ impl Runtime {
             scopes,
             host_calls: AtomicU32::new(0),
             db_ns: AtomicU64::new(0),
+            host_wait_ns: AtomicU64::new(0),
             env: self.env.clone(),
             pending: Mutex::new(Vec::new()),
         });
@@ -609,7 +614,6 @@ impl Runtime {
             misbehaved,
         };
         let ran = Instant::now();
-        let cpu_before = thread_cpu_time();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             instance.call(
                 &req.function,
@@ -619,7 +623,7 @@ impl Runtime {
             )
         }));
         let guest_us = ran.elapsed().as_micros() as u64;
-        let cpu_used = thread_cpu_time().saturating_sub(cpu_before);
+        let host_wait = Duration::from_nanos(ctx.host_wait_ns.load(Ordering::Relaxed));
         pending.append(&mut ctx.pending.lock().unwrap_or_else(|p| p.into_inner()));
         let host_db_us = ctx.db_ns.load(Ordering::Relaxed) / 1000;
         let dropped = instance.dropped_log_bytes;
@@ -640,16 +644,17 @@ impl Runtime {
                 "panicked inside the host; instance discarded".into(),
                 false,
             )),
-            // Out of time while its thread hardly ran: the host was too
-            // busy (or a host function too slow), not the plugin too long.
-            Ok(Err(host::Failure::Timeout)) if starved(cpu_used, loaded.ilimits.timeout) => {
+            // Out of time while the host kept it waiting: a slow host,
+            // not a plugin too long.
+            Ok(Err(host::Failure::Timeout))
+                if host_made_it_wait(host_wait, loaded.ilimits.timeout) =>
+            {
                 Err(fail(
                     format!(
-                        "exceeded its time limit ({} ms) while the host was overloaded: \
-                         its thread ran {:.1} ms of them; instance discarded, \
-                         not counted towards quarantine",
+                        "exceeded its time limit ({} ms) while host functions kept it waiting \
+                         {:.1} ms; instance discarded, not counted towards quarantine",
                         loaded.ilimits.timeout.as_millis(),
-                        cpu_used.as_secs_f64() * 1e3
+                        host_wait.as_secs_f64() * 1e3
                     ),
                     false,
                 ))
@@ -824,12 +829,9 @@ fn cache_dir(dir: &DataDir) -> Result<std::path::PathBuf> {
     Ok(cache.canonicalize()?.join("wasmtime"))
 }
 
-/// A plugin failure in words: the guest's error message, or the trap. A
-/// limit is named as enforced (`l`: the manifest's, within the box's
-/// `Limits`), not as signed.
 /// The CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`). A call
 /// runs on its caller's thread, host functions included.
-fn thread_cpu_time() -> Duration {
+pub(crate) fn thread_cpu_time() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     Duration::new(
         u64::try_from(t.tv_sec).unwrap_or(0),
@@ -837,17 +839,21 @@ fn thread_cpu_time() -> Duration {
     )
 }
 
-/// Whether a call that ran out of its wall-clock `limit` was starved: its
-/// thread ran for less than a quarter of it. Then the host was overloaded
-/// (more runnable threads than cores) or a host function waited (on a
-/// stalled disk, say); the call still fails, bounded as always, but it is
-/// no evidence against the plugin and counts nothing towards quarantine,
-/// so an overload cannot quarantine the plugins it delays. A plugin that
-/// spins gets its limit's worth of CPU unless the box is starving it.
-fn starved(ran: Duration, limit: Duration) -> bool {
-    ran < limit / 4
+/// Whether a call that ran out of its `limit` did so because host
+/// functions kept it waiting for at least half of it (wall time in them
+/// less their CPU time: a stalled disk behind a search, say, or their
+/// thread descheduled on an overloaded box). The call still fails, bounded
+/// as always, but that is no evidence against the plugin, so it counts
+/// nothing towards quarantine. Time in the plugin's own code always
+/// counts: a plugin cannot escape quarantine by spinning, however many of
+/// its instances compete for the cores.
+fn host_made_it_wait(waited: Duration, limit: Duration) -> bool {
+    waited >= limit / 2
 }
 
+/// A plugin failure in words: the guest's error message, or the trap. A
+/// limit is named as enforced (`l`: the manifest's, within the box's
+/// `Limits`), not as signed.
 fn describe(e: &host::Failure, l: &host::InstanceLimits) -> String {
     use host::Failure as F;
     match e {
@@ -869,26 +875,36 @@ fn describe(e: &host::Failure, l: &host::InstanceLimits) -> String {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{starved, thread_cpu_time};
+    use super::{host_made_it_wait, thread_cpu_time};
 
     #[test]
-    fn a_timeout_is_starved_below_a_quarter_of_the_limit_of_cpu() {
+    fn a_timeout_is_the_hosts_when_host_functions_kept_it_waiting_half_the_limit() {
         let ms = Duration::from_millis;
-        assert!(starved(ms(12), ms(50)));
-        assert!(!starved(ms(13), ms(50)));
-        assert!(!starved(ms(50), ms(50)));
+        assert!(host_made_it_wait(ms(25), ms(50)));
+        assert!(host_made_it_wait(ms(300), ms(50)));
+        assert!(!host_made_it_wait(ms(24), ms(50)));
+        assert!(!host_made_it_wait(ms(0), ms(50)));
     }
 
     #[test]
-    fn thread_cpu_time_counts_running_not_sleeping() {
+    fn thread_cpu_time_counts_this_thread_running_not_sleeping_nor_others() {
+        // Another thread spins while this one sleeps: a process-wide clock
+        // would count its time here.
+        let spin = std::thread::spawn(|| {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(60) {
+                std::hint::spin_loop();
+            }
+        });
         let t0 = thread_cpu_time();
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(40));
         let slept = thread_cpu_time() - t0;
+        spin.join().unwrap();
+        assert!(slept < Duration::from_millis(10), "{slept:?}");
         let t1 = thread_cpu_time();
         let start = Instant::now();
         while thread_cpu_time() - t1 < Duration::from_millis(20) {
             assert!(start.elapsed() < Duration::from_secs(30), "never ran");
         }
-        assert!(slept < Duration::from_millis(10), "{slept:?}");
     }
 }

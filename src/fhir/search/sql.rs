@@ -411,7 +411,9 @@ pub(super) fn build_lastn_group(
     use crate::fhir::params::codes::{CATEGORY, STATUS};
     let (tokens, lone_scope) = and_tokens(q, scope);
     let mut sql = Sql2::default();
-    sql.push("SELECT d.rid, d.sort_ms FROM obs_lastn d WHERE d.tid = ");
+    // DISTINCT: a category code under two systems is two rows of one
+    // Observation, adjacent in the key, which must not take two of `max`.
+    sql.push("SELECT DISTINCT d.rid, d.sort_ms FROM obs_lastn d WHERE d.tid = ");
     sql.arg(tid);
     sql.push(" AND d.patient = ");
     sql.arg(patient.to_owned());
