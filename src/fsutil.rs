@@ -128,6 +128,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, fp_prefix: &str) -> io
 /// Name of the environment variable that arms a fail-point.
 pub const FAILPOINT_ENV: &str = "CLINICBOX_FAILPOINT";
 
+/// The armed fail-point, if any: `CLINICBOX_FAILPOINT` as the process
+/// started (read once; the tests arm it per process), so an unarmed
+/// fail-point on a hot path costs one load.
+pub fn armed_failpoint() -> Option<&'static str> {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var(FAILPOINT_ENV).ok())
+        .as_deref()
+}
+
 /// Crash-injection hook for the atomicity tests.
 ///
 /// When the environment variable `CLINICBOX_FAILPOINT` equals `name`, the
@@ -135,7 +145,7 @@ pub const FAILPOINT_ENV: &str = "CLINICBOX_FAILPOINT";
 /// no destructors, no flushing). Otherwise this does nothing. It can only
 /// stop the process, never skip a check, so it is safe to ship.
 pub fn failpoint(name: &str) {
-    if std::env::var_os(FAILPOINT_ENV).is_some_and(|v| v == name) {
+    if armed_failpoint() == Some(name) {
         eprintln!("clinicbox: fail-point {name} reached, aborting");
         std::process::abort();
     }
@@ -144,7 +154,7 @@ pub fn failpoint(name: &str) {
 /// Like [`failpoint`], but panics instead of aborting: for tests of panic
 /// containment (e.g. `host.fhir_read`).
 pub fn panicpoint(name: &str) {
-    if std::env::var_os(FAILPOINT_ENV).is_some_and(|v| v == name) {
+    if armed_failpoint() == Some(name) {
         panic!("clinicbox: panic-point {name} reached");
     }
 }
@@ -153,9 +163,7 @@ pub fn panicpoint(name: &str) {
 /// equals `delay:` + `name`: for tests of a slow host (a stalled disk
 /// behind a host function) without loading the machine.
 pub fn delaypoint(name: &str) {
-    if std::env::var_os(FAILPOINT_ENV)
-        .is_some_and(|v| v.to_str().and_then(|v| v.strip_prefix("delay:")) == Some(name))
-    {
+    if armed_failpoint().and_then(|v| v.strip_prefix("delay:")) == Some(name) {
         std::thread::sleep(DELAYPOINT_WAIT);
     }
 }

@@ -491,8 +491,8 @@ fn a_timeout_the_host_caused_fails_the_call_but_quarantines_nothing() {
         assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
         let e = stderr(&out);
         assert!(
-            e.contains("exceeded its time limit (50 ms) while host functions kept it waiting")
-                && e.contains("not counted towards quarantine"),
+            e.contains("exceeded its time limit (50 ms); instance discarded; host functions kept it waiting")
+                && e.contains("so it is not counted towards quarantine"),
             "{e}"
         );
     }

@@ -307,16 +307,7 @@ fn clear_index(conn: &Connection, rid: i64) -> rusqlite::Result<()> {
                JOIN idx_token k ON k.rid = c.rid AND k.param = 2 AND k.patient = c.patient
               WHERE c.rid = ?1 AND c.param = 1 AND c.type = 2",
         )?
-        .query_map([rid], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })?
+        .query_map([rid], |r| r.try_into())?
         .collect::<rusqlite::Result<_>>()?;
     let mut lastn = conn.prepare_cached(
         "DELETE FROM obs_lastn WHERE tid = ?1 AND patient = ?2 AND category = ?3 \

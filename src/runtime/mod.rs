@@ -646,14 +646,14 @@ impl Runtime {
             )),
             // Out of time while the host kept it waiting: a slow host,
             // not a plugin too long.
-            Ok(Err(host::Failure::Timeout))
+            Ok(Err(e @ host::Failure::Timeout))
                 if host_made_it_wait(host_wait, loaded.ilimits.timeout) =>
             {
                 Err(fail(
                     format!(
-                        "exceeded its time limit ({} ms) while host functions kept it waiting \
-                         {:.1} ms; instance discarded, not counted towards quarantine",
-                        loaded.ilimits.timeout.as_millis(),
+                        "{}; host functions kept it waiting {:.1} ms, so it is not counted \
+                         towards quarantine",
+                        describe(&e, &loaded.ilimits),
                         host_wait.as_secs_f64() * 1e3
                     ),
                     false,

@@ -272,9 +272,8 @@ fn lastn(
         let category = sql::lastn_category(alt);
         let mut group_sql = sql::build_lastn_group(q, tid, patient, scope, max, alt);
         let mut group_stmt = conn.prepare_cached(&group_sql.text)?;
-        let group_of = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, String)> {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        };
+        let group_of =
+            |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, String)> { r.try_into() };
         // Groups from the highest down: each seek lands on the group's
         // newest row, whose page the group's own scan then finds cached.
         let mut group = match category {
@@ -298,15 +297,15 @@ fn lastn(
             for row in rows {
                 newest.push(row?);
             }
-            group = match category {
-                Some(c) => conn
-                    .prepare_cached(sql::LASTN_NEXT_GROUP)?
-                    .query_row(rusqlite::params![tid, patient, c, code, system], group_of),
-                None => conn
-                    .prepare_cached(sql::LASTN_NEXT_GROUP_ANY)?
-                    .query_row(rusqlite::params![tid, patient, cat, code, system], group_of),
-            }
-            .optional()?;
+            // Within one category (`cat` is then that category), or across.
+            let next = match category {
+                Some(_) => sql::LASTN_NEXT_GROUP,
+                None => sql::LASTN_NEXT_GROUP_ANY,
+            };
+            group = conn
+                .prepare_cached(next)?
+                .query_row(rusqlite::params![tid, patient, cat, code, system], group_of)
+                .optional()?;
         }
     }
     // A group read under several categories keeps its newest `max`.

@@ -335,29 +335,32 @@ pub(super) const LASTN_FIRST_GROUP: &str = "SELECT category, system, code FROM o
 /// each a plain range on the key's next column: SQLite does not seek
 /// backward to a row-value bound (`(code, system) < (?4, ?5)` walks back
 /// over every row of the higher groups, so the search grew with history).
-pub(super) const LASTN_NEXT_GROUP: &str = "SELECT * FROM (SELECT category, system, code FROM obs_lastn \
-     WHERE tid = ?1 AND patient = ?2 AND category = ?3 AND code = ?4 AND system < ?5 \
-     ORDER BY system DESC, sort_ms DESC LIMIT 1) \
-     UNION ALL SELECT * FROM (SELECT category, system, code FROM obs_lastn \
-     WHERE tid = ?1 AND patient = ?2 AND category = ?3 AND code < ?4 \
-     ORDER BY code DESC, system DESC, sort_ms DESC LIMIT 1) LIMIT 1";
+/// A macro so that both next-group statements are whole literals.
+macro_rules! next_in_category {
+    () => {
+        "SELECT * FROM (SELECT category, system, code FROM obs_lastn \
+         WHERE tid = ?1 AND patient = ?2 AND category = ?3 AND code = ?4 AND system < ?5 \
+         ORDER BY system DESC, sort_ms DESC LIMIT 1) \
+         UNION ALL SELECT * FROM (SELECT category, system, code FROM obs_lastn \
+         WHERE tid = ?1 AND patient = ?2 AND category = ?3 AND code < ?4 \
+         ORDER BY code DESC, system DESC, sort_ms DESC LIMIT 1)"
+    };
+}
+pub(super) const LASTN_NEXT_GROUP: &str = concat!(next_in_category!(), " LIMIT 1");
 
 /// For a `system|` category (any code): the first group of any category.
 pub(super) const LASTN_FIRST_GROUP_ANY: &str = "SELECT category, system, code FROM obs_lastn \
      WHERE tid = ?1 AND patient = ?2 \
      ORDER BY category DESC, code DESC, system DESC, sort_ms DESC LIMIT 1";
 
-/// For a `system|` category: the next group below (?3, ?4, ?5), one seek
-/// per key column as in [`LASTN_NEXT_GROUP`].
-pub(super) const LASTN_NEXT_GROUP_ANY: &str = "SELECT * FROM (SELECT category, system, code FROM obs_lastn \
-     WHERE tid = ?1 AND patient = ?2 AND category = ?3 AND code = ?4 AND system < ?5 \
-     ORDER BY system DESC, sort_ms DESC LIMIT 1) \
-     UNION ALL SELECT * FROM (SELECT category, system, code FROM obs_lastn \
-     WHERE tid = ?1 AND patient = ?2 AND category = ?3 AND code < ?4 \
-     ORDER BY code DESC, system DESC, sort_ms DESC LIMIT 1) \
-     UNION ALL SELECT * FROM (SELECT category, system, code FROM obs_lastn \
+/// For a `system|` category: the next group below (?3, ?4, ?5): within
+/// the category as [`LASTN_NEXT_GROUP`], else the next lower category.
+pub(super) const LASTN_NEXT_GROUP_ANY: &str = concat!(
+    next_in_category!(),
+    " UNION ALL SELECT * FROM (SELECT category, system, code FROM obs_lastn \
      WHERE tid = ?1 AND patient = ?2 AND category < ?3 \
-     ORDER BY category DESC, code DESC, system DESC, sort_ms DESC LIMIT 1) LIMIT 1";
+     ORDER BY category DESC, code DESC, system DESC, sort_ms DESC LIMIT 1) LIMIT 1"
+);
 
 /// The category code an alternative of `$lastn`'s `category` names
 /// (None for `system|`, which names every code of a system).
