@@ -345,6 +345,90 @@ fn closed_loop(d: &Daemon, token: &str, conns: usize, patients: usize, secs: u64
     Arc::try_unwrap(out).ok().unwrap().into_inner().unwrap()
 }
 
+/// `clinicbox_ingest_stage_seconds` and the ingest route's
+/// `clinicbox_http_request_seconds` from one `/metrics` scrape: for each
+/// series, its cumulative bucket counts by upper bound (seconds).
+fn stage_buckets(text: &str) -> std::collections::BTreeMap<String, Vec<(f64, f64)>> {
+    let mut out = std::collections::BTreeMap::<String, Vec<(f64, f64)>>::new();
+    for line in text.lines() {
+        let series = if let Some(rest) =
+            line.strip_prefix("clinicbox_ingest_stage_seconds_bucket{stage=\"")
+        {
+            rest
+        } else if let Some(rest) =
+            line.strip_prefix("clinicbox_http_request_seconds_bucket{route=\"")
+        {
+            if !rest.starts_with("ingest\"") {
+                continue;
+            }
+            rest
+        } else {
+            continue;
+        };
+        let (name, rest) = series.split_once('"').unwrap();
+        let le = rest
+            .split("le=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap()
+        };
+        let n: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+        let key = if name == "ingest" {
+            "whole request".to_owned()
+        } else {
+            name.to_owned()
+        };
+        out.entry(key).or_default().push((le, n));
+    }
+    out
+}
+
+/// Where the open loop's time went inside the daemon: the p50 and p99 of
+/// each ingest stage, from the difference of two `/metrics` scrapes (as
+/// the bucket bound the quantile falls in: `≤ 5 ms` means between the
+/// bound below and 5 ms).
+fn report_stages(before: &str, after: &str) {
+    let b = stage_buckets(before);
+    let fmt = |s: f64| {
+        if s.is_infinite() {
+            "> 5 s".to_owned()
+        } else {
+            format!("≤ {} ms", s * 1000.0)
+        }
+    };
+    let mut parts = Vec::new();
+    for stage in ["queue", "store", "plugins", "record", "whole request"] {
+        let Some(a) = stage_buckets(after).remove(stage) else {
+            continue;
+        };
+        let zero = vec![(0.0, 0.0); a.len()];
+        let b = b.get(stage).unwrap_or(&zero);
+        let d: Vec<(f64, f64)> = a
+            .iter()
+            .zip(b)
+            .map(|((le, x), (_, y))| (*le, x - y))
+            .collect();
+        let total = d.last().map_or(0.0, |(_, n)| *n);
+        if total == 0.0 {
+            continue;
+        }
+        let q = |p: f64| {
+            fmt(d
+                .iter()
+                .find(|(_, n)| *n >= total * p)
+                .map_or(f64::INFINITY, |(le, _)| *le))
+        };
+        parts.push(format!("{stage} p50 {} p99 {}", q(0.5), q(0.99)));
+    }
+    println!("  inside the daemon (/metrics): {}", parts.join("; "));
+}
+
 fn report(what: &str, o: Outcome) {
     let rate = o.sent as f64 / o.secs;
     let mut all: Vec<f64> = o.lat.iter().map(|(_, ms)| *ms).collect();
@@ -624,7 +708,11 @@ fn main() {
         db_bytes(&b.data.join("fhir.db")),
         db_bytes(&b.data.join("audit.db")),
     ];
+    let admin = token(&b, "bench-admin", "admin", "clinic-a", &[]);
+    let scrape = || d.get("/metrics", Some(&admin), &[]).text();
+    let metrics_before = scrape();
     let (o, [before, after]) = open_loop(&d, &device, devices, secs);
+    let metrics_after = scrape();
     let sent = o.sent;
     report(
         &format!(
@@ -633,6 +721,7 @@ fn main() {
         ),
         o,
     );
+    report_stages(&metrics_before, &metrics_after);
     report_cpu(&before.daemon, &after.daemon, sent);
     report_machine(
         &before.machine,

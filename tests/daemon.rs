@@ -200,6 +200,7 @@ fn api_answers_by_token_role_and_tenant_and_records_refusals() {
 fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
     let b = news2_box(3, true);
     let device = token(&b, "monitor-7", "device", "clinic-a", &[]);
+    let admin = token(&b, "ops", "admin", "clinic-a", &[]);
     let d = Daemon::start(&b, TEST_CONFIG, &[]);
     let reading = Reading {
         rr: 24.0,
@@ -346,6 +347,41 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         before,
         "a refused request stored something"
     );
+
+    // Every ingest request is timed, and each stage of the six that got
+    // as far as storing: /metrics tells clinic IT where the time went.
+    let m = d.get("/metrics", Some(&admin), &[]).text();
+    let count = |series: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    assert_eq!(
+        count("clinicbox_http_request_seconds_count{route=\"ingest\"}"),
+        Some(10),
+        "{m}"
+    );
+    assert_eq!(
+        count("clinicbox_ingest_stage_seconds_count{stage=\"queue\"}"),
+        Some(10),
+        "{m}"
+    );
+    for stage in ["store", "plugins", "record"] {
+        assert_eq!(
+            count(&format!(
+                "clinicbox_ingest_stage_seconds_count{{stage=\"{stage}\"}}"
+            )),
+            Some(6),
+            "{stage}: {m}"
+        );
+    }
+    // The plugins stage held six NEWS2 calls, each with a durable record.
+    let plugins_secs = m
+        .lines()
+        .find_map(|l| l.strip_prefix("clinicbox_ingest_stage_seconds_sum{stage=\"plugins\"} "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(plugins_secs > 0.0, "{m}");
 
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");

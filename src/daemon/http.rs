@@ -89,7 +89,7 @@ pub async fn serve(
         let open = app.metrics.connections.fetch_add(1, Ordering::Relaxed) + 1;
         if open as usize > limits.max_connections {
             app.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-            app.metrics.request("overload", 503);
+            app.metrics.request("overload", 503, Duration::ZERO);
             ex.spawn(async move {
                 let _ = stream
                     .write_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -160,7 +160,7 @@ impl Drop for InflightGuard {
 async fn respond(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let (route, reply) = serve_one(&app, peer, req).await;
-    app.metrics.request(route, reply.status);
+    app.metrics.request(route, reply.status, started.elapsed());
     log::debug!(
         "api: {peer} {route} {} in {} µs",
         reply.status,
@@ -240,8 +240,18 @@ async fn serve_one(
         }
     };
     let worker_app = app.clone();
+    let queued = Instant::now();
     app.workers
-        .run(move || api::handle(&worker_app, peer, &parts, &body))
+        .run(move || {
+            let waited = queued.elapsed();
+            let (route, reply) = api::handle(&worker_app, peer, &parts, &body);
+            if route == "ingest" {
+                worker_app
+                    .metrics
+                    .ingest_stage(super::metrics::IngestStage::Queue, waited);
+            }
+            (route, reply)
+        })
         .await
         .unwrap_or_else(|| {
             (

@@ -17,12 +17,17 @@
 //!    `{"patient": "Patient/<id>"}`; each call is recorded by the runtime;
 //! 5. answer 201 with what was stored and each triggered call's output
 //!    (e.g. a NEWS2 `RiskAssessment`) or error.
+//!
+//! Steps 1–2 (`store`), 4 (`plugins`) and the rest of 3's wait (`record`)
+//! are timed in `/metrics` (`clinicbox_ingest_stage_seconds`), beside the
+//! wait for a worker before step 1 (`queue`, timed in `super::http`).
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::App;
 use super::api::{CallAnswer, RETRY_LATER_SECS, Reply, requester, run_call};
+use super::metrics::IngestStage;
 use crate::audit::log::Entry;
 use crate::fhir::{self, store};
 use crate::runtime::CallRequest;
@@ -31,6 +36,7 @@ use crate::tokens::Principal;
 /// Handles an ingest request.
 pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     let env = app.rt.env();
+    let started = std::time::Instant::now();
     let doc: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return Reply::error(400, "structure", &format!("request body is not JSON: {e}")),
@@ -56,6 +62,8 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     let stored = app
         .fhir_writer
         .store(&who.tenant, values.clone(), now_ms as i64);
+    app.metrics
+        .ingest_stage(IngestStage::Store, started.elapsed());
     let written = match stored {
         Ok(w) => w,
         Err(fhir::writer::WriteError::DiskFull(e)) => {
@@ -113,6 +121,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         Ok(p) => p,
         Err(e) => return unrecorded(&e),
     };
+    let plugins_started = std::time::Instant::now();
     let subs = match app.rt.subscriptions() {
         Ok(s) => s,
         Err(e) => {
@@ -162,7 +171,13 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             })),
         });
     }
-    if let Err(e) = recorded.wait() {
+    let record_started = std::time::Instant::now();
+    app.metrics
+        .ingest_stage(IngestStage::Plugins, record_started - plugins_started);
+    let recorded = recorded.wait();
+    app.metrics
+        .ingest_stage(IngestStage::Record, record_started.elapsed());
+    if let Err(e) = recorded {
         return unrecorded(&e);
     }
     Reply::json(
