@@ -69,6 +69,9 @@ pub struct RawDaemon {
     /// Warn in the log while the data disk has less than this percent of
     /// its size available (default 10).
     pub disk_warn_percent: Option<u64>,
+    /// Nice levels by which the pipeline threads (api, fhir-writer,
+    /// audit-writer) run ahead of the daemon's others (default 10).
+    pub pipeline_priority_boost: Option<u64>,
 }
 
 /// `[updates]`: the vendor update channel (a static HTTPS directory with
@@ -101,6 +104,9 @@ pub struct Daemon {
     pub drain: std::time::Duration,
     /// Low-disk warning threshold, percent of the data file system.
     pub disk_warn_percent: u8,
+    /// Nice levels by which the pipeline threads run ahead of the others
+    /// (`crate::priority`); read at start only.
+    pub pipeline_priority_boost: u8,
 }
 
 impl Default for Daemon {
@@ -112,6 +118,7 @@ impl Default for Daemon {
             inbox_poll: std::time::Duration::from_secs(1),
             drain: std::time::Duration::from_secs(10),
             disk_warn_percent: 10,
+            pipeline_priority_boost: 10,
         }
     }
 }
@@ -443,6 +450,17 @@ impl Config {
                     }
                 }
             }
+            if let Some(b) = d.pipeline_priority_boost {
+                match u8::try_from(b) {
+                    Ok(b @ 0..=20) => daemon.pipeline_priority_boost = b,
+                    _ => {
+                        return Err(field(
+                            "daemon.pipeline_priority_boost",
+                            format!("{b} is outside 0..=20"),
+                        ));
+                    }
+                }
+            }
         }
         let updates = match raw.updates {
             None => None,
@@ -684,6 +702,14 @@ mod tests {
         assert_eq!(c.daemon.drain, std::time::Duration::from_secs(3));
         assert_eq!(c.daemon.disk_warn_percent, 5);
         assert_eq!(parse("").unwrap().daemon.disk_warn_percent, 10);
+        assert_eq!(parse("").unwrap().daemon.pipeline_priority_boost, 10);
+        assert_eq!(
+            parse("[daemon]\npipeline_priority_boost = 0\n")
+                .unwrap()
+                .daemon
+                .pipeline_priority_boost,
+            0
+        );
         for (text, want) in [
             ("[api]\nlisten = \"localhost\"\n", "field `api.listen`"),
             (
@@ -709,6 +735,10 @@ mod tests {
             (
                 "[daemon]\ndisk_warn_percent = 300\n",
                 "field `daemon.disk_warn_percent`: 300 is outside 1..=50",
+            ),
+            (
+                "[daemon]\npipeline_priority_boost = 21\n",
+                "field `daemon.pipeline_priority_boost`: 21 is outside 0..=20",
             ),
             ("cache_dir = \"rel\"\n", "field `cache_dir`"),
             (

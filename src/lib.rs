@@ -32,6 +32,7 @@ pub mod fsutil;
 pub mod group;
 pub mod keys;
 pub mod limits;
+pub mod priority;
 pub mod runtime;
 pub mod scopes;
 pub mod state;

@@ -383,6 +383,17 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         .unwrap_or(0.0);
     assert!(plugins_secs > 0.0, "{m}");
 
+    // The three threads every device request passes through in turn run
+    // ten nice levels ahead of the rest (`[daemon]
+    // pipeline_priority_boost`), where the system allows it.
+    let nice = nice_by_thread(d.child.id());
+    let base = nice["worker-0"];
+    let boosted = if has_cap_sys_nice() { base - 10 } else { base };
+    for thread in ["api", "fhir-writer", "audit-writer"] {
+        assert_eq!(nice[thread], boosted, "{thread}: {nice:?}");
+    }
+    assert_eq!(nice["fhir.db-ckpt"], base, "{nice:?}");
+
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     let ingests = records(&b, "fhir.ingest");
@@ -837,4 +848,33 @@ fn the_daemon_syncs_the_audit_log_and_rides_out_an_upstream_outage() {
         up.seen.lock().unwrap().puts.values().all(|n| *n == 1),
         "a record was sent twice"
     );
+}
+
+/// The nice value of each thread of process `pid`, by thread name (the
+/// last thread of a name wins).
+fn nice_by_thread(pid: u32) -> std::collections::BTreeMap<String, i32> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        // `tid (comm) state ppid …`: nice is the 19th field, the 17th after
+        // the comm's closing parenthesis.
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let comm = head.split_once('(').unwrap().1.to_owned();
+        let nice: i32 = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.insert(comm, nice);
+    }
+    out
+}
+
+/// CAP_SYS_NICE (bit 23) in this process's effective capabilities, which
+/// the daemon it starts inherits.
+fn has_cap_sys_nice() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 23) != 0)
 }

@@ -363,7 +363,10 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(conn, ckpt, key, policy, wait, rx))
+            .spawn(move || {
+                crate::priority::pipeline_thread("audit-writer");
+                writer(conn, ckpt, key, policy, wait, rx)
+            })
             .context("cannot start the audit writer thread")?;
         Ok(AuditLog { tx, signs })
     }

@@ -132,6 +132,9 @@ pub fn run(
         None => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Before the pipeline threads start: the HTTP thread and the two
+    // writers (the audit log's, started by the runtime) run ahead.
+    crate::priority::set_pipeline_boost(config.daemon.pipeline_priority_boost);
     let rt = Runtime::new(dir.clone(), config.limits.clone())?;
     for (name, r) in rt.preload()? {
         match r {
@@ -195,7 +198,10 @@ pub fn run(
     let api_ex = ex.clone();
     let api_thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || smol::block_on(api_ex.run(async { stop_ex_rx.recv().await.ok() })))?;
+        .spawn(move || {
+            crate::priority::pipeline_thread("api");
+            smol::block_on(api_ex.run(async { stop_ex_rx.recv().await.ok() }))
+        })?;
     let listener = smol::Async::new(listener)?;
     ex.spawn(http::serve(
         app.clone(),

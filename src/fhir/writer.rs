@@ -108,7 +108,10 @@ impl Writer {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fhir-writer".into())
-            .spawn(move || run(conn, ckpt, wait, rx))
+            .spawn(move || {
+                crate::priority::pipeline_thread("fhir-writer");
+                run(conn, ckpt, wait, rx)
+            })
             .context("cannot start the FHIR writer thread")?;
         Ok(Writer { tx })
     }
