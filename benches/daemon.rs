@@ -9,8 +9,9 @@
 //!    records it, runs NEWS2 (subscribed to vital signs) for the patient
 //!    and answers with the RiskAssessment. Latency is measured from each
 //!    request's *scheduled* send time, so a stalled server cannot hide its
-//!    queue (no coordinated omission). After it, the daemon's CPU per
-//!    request by thread, how busy the whole machine was (`/proc/stat`)
+//!    queue (no coordinated omission). After it, each ingest stage's p50
+//!    and p99 inside the daemon (from two `/metrics` scrapes), the
+//!    daemon's CPU per request by thread, how busy the whole machine was (`/proc/stat`)
 //!    and what the load generator itself cost, and how much `fhir.db` and
 //!    `audit.db` grew per request.
 //! 2. Maximum sustained rate: closed loop, `BENCH_CONNS` (32) connections
