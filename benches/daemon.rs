@@ -396,6 +396,7 @@ fn stage_buckets(text: &str) -> std::collections::BTreeMap<String, Vec<(f64, f64
 /// bound below and 5 ms).
 fn report_stages(before: &str, after: &str) {
     let b = stage_buckets(before);
+    let mut after = stage_buckets(after);
     let fmt = |s: f64| {
         if s.is_infinite() {
             "> 5 s".to_owned()
@@ -405,7 +406,7 @@ fn report_stages(before: &str, after: &str) {
     };
     let mut parts = Vec::new();
     for stage in ["queue", "store", "plugins", "record", "whole request"] {
-        let Some(a) = stage_buckets(after).remove(stage) else {
+        let Some(a) = after.remove(stage) else {
             continue;
         };
         let zero = vec![(0.0, 0.0); a.len()];

@@ -4,7 +4,8 @@
 //! beyond the [`INHERENT_EXPOSURES`], and the settings the daemon
 //! relies on (notify + watchdog, the State/Cache/Configuration directories,
 //! the three `CLINICBOX_*` variables, the static `clinicbox` user, a
-//! private umask, networking) are there, while `MemoryDenyWriteExecute=yes`
+//! private umask, networking, `LimitNICE=-10` with `setpriority` allowed
+//! for the pipeline threads) are there, while `MemoryDenyWriteExecute=yes`
 //! (which breaks the wasmtime JIT) and `PrivateNetwork=yes` are not.
 //!
 //! `systemd-analyze` must be installed (Debian: package `systemd`; CI has

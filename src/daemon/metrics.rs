@@ -15,7 +15,7 @@ use std::time::Duration;
 /// Upper bounds of the latency histogram buckets, in seconds: fine
 /// enough around device ingest's 10 ms goal to tell a 5 ms answer from a
 /// 15 ms one.
-pub const BUCKETS: [f64; 16] = [
+const BUCKETS: [f64; 16] = [
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0,
 ];

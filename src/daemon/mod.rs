@@ -5,7 +5,9 @@
 //! `READY=1` and serve. While running:
 //! - the local API ([`http`], [`api`], [`ingest`]): HTTP on one smol
 //!   executor thread (`api`), handlers on a fixed set of worker threads
-//!   (`workers`);
+//!   (`workers`); `api` and the two writers every ingest passes through
+//!   (`fhir-writer`, `audit-writer`) run `daemon.pipeline_priority_boost`
+//!   nice levels ahead of the other threads ([`crate::priority`]);
 //! - the inbox ([`inbox`]) scanned every `daemon.inbox_poll_ms`;
 //! - audit upload and FHIR sync-down ([`crate::sync::pass`]) every
 //!   `upstream.interval_secs`, with jittered backoff after a failure;
@@ -195,6 +197,10 @@ pub fn run(
     // one thread that stays awake under load is woken less often than two
     // that take turns: the HTTP side's CPU per request fell from 0.088 to
     // 0.062 ms (BENCHMARKS.md, stop 14).
+    // The reactor (and its `async-io` helper thread) starts here, on the
+    // main thread: a thread inherits its creator's priority, and the
+    // helper is not one of the pipeline threads.
+    let listener = smol::Async::new(listener)?;
     let api_ex = ex.clone();
     let api_thread = std::thread::Builder::new()
         .name("api".into())
@@ -202,7 +208,6 @@ pub fn run(
             crate::priority::pipeline_thread("api");
             smol::block_on(api_ex.run(async { stop_ex_rx.recv().await.ok() }))
         })?;
-    let listener = smol::Async::new(listener)?;
     ex.spawn(http::serve(
         app.clone(),
         listener,
