@@ -317,6 +317,18 @@ impl Config {
             field,
             reason,
         };
+        // A small whole number within `range`, or the field's error.
+        let small = |f: &'static str, v: u64, range: std::ops::RangeInclusive<u8>| {
+            u8::try_from(v)
+                .ok()
+                .filter(|v| range.contains(v))
+                .ok_or_else(|| {
+                    field(
+                        f,
+                        format!("{v} is outside {}..={}", range.start(), range.end()),
+                    )
+                })
+        };
         let log_level = match raw.log_level.as_deref().unwrap_or("info") {
             "error" => LevelFilter::Error,
             "warn" => LevelFilter::Warn,
@@ -440,26 +452,11 @@ impl Config {
                 daemon.drain = std::time::Duration::from_secs(s);
             }
             if let Some(p) = d.disk_warn_percent {
-                match u8::try_from(p) {
-                    Ok(p @ 1..=50) => daemon.disk_warn_percent = p,
-                    _ => {
-                        return Err(field(
-                            "daemon.disk_warn_percent",
-                            format!("{p} is outside 1..=50"),
-                        ));
-                    }
-                }
+                daemon.disk_warn_percent = small("daemon.disk_warn_percent", p, 1..=50)?;
             }
             if let Some(b) = d.pipeline_priority_boost {
-                match u8::try_from(b) {
-                    Ok(b @ 0..=20) => daemon.pipeline_priority_boost = b,
-                    _ => {
-                        return Err(field(
-                            "daemon.pipeline_priority_boost",
-                            format!("{b} is outside 0..=20"),
-                        ));
-                    }
-                }
+                daemon.pipeline_priority_boost =
+                    small("daemon.pipeline_priority_boost", b, 0..=20)?;
             }
         }
         let updates = match raw.updates {

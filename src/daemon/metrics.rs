@@ -84,6 +84,21 @@ impl Histogram {
     }
 }
 
+/// Writes one histogram family: its `# HELP` and `# TYPE` lines, then
+/// each key's series, labelled by `labels(key)`.
+fn render_histograms<K: Ord>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    m: &Mutex<BTreeMap<K, Histogram>>,
+    labels: impl Fn(&K) -> String,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (key, h) in m.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        h.render(out, name, &labels(key));
+    }
+}
+
 /// Adds `took` to the histogram of `key` in `m`.
 fn observe<K: Ord>(m: &Mutex<BTreeMap<K, Histogram>>, key: K, took: Duration) {
     let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,54 +197,27 @@ impl Metrics {
                 esc(plugin)
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP clinicbox_plugin_call_seconds Plugin call latency, durable audit record included.\n# TYPE clinicbox_plugin_call_seconds histogram"
+        render_histograms(
+            &mut out,
+            "clinicbox_plugin_call_seconds",
+            "Plugin call latency, durable audit record included.",
+            &self.latency,
+            |plugin| format!("plugin=\"{}\"", esc(plugin)),
         );
-        for (plugin, h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            h.render(
-                &mut out,
-                "clinicbox_plugin_call_seconds",
-                &format!("plugin=\"{}\"", esc(plugin)),
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP clinicbox_http_request_seconds Local API request latency, from the request head's arrival to the answer.\n# TYPE clinicbox_http_request_seconds histogram"
+        render_histograms(
+            &mut out,
+            "clinicbox_http_request_seconds",
+            "Local API request latency, from the request head's arrival to the answer.",
+            &self.request_latency,
+            |route| format!("route=\"{route}\""),
         );
-        for (route, h) in self
-            .request_latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            h.render(
-                &mut out,
-                "clinicbox_http_request_seconds",
-                &format!("route=\"{route}\""),
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP clinicbox_ingest_stage_seconds Device ingest latency by stage: queue (waiting for a worker), store (durable, group commit), plugins (triggered calls and their durable records), record (the rest of the ingest record's wait).\n# TYPE clinicbox_ingest_stage_seconds histogram"
+        render_histograms(
+            &mut out,
+            "clinicbox_ingest_stage_seconds",
+            "Device ingest latency by stage: queue (waiting for a worker), store (durable, group commit), plugins (triggered calls and their durable records), record (the rest of the ingest record's wait).",
+            &self.ingest_stages,
+            |stage| format!("stage=\"{}\"", stage.label()),
         );
-        for (stage, h) in self
-            .ingest_stages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            h.render(
-                &mut out,
-                "clinicbox_ingest_stage_seconds",
-                &format!("stage=\"{}\"", stage.label()),
-            );
-        }
         let _ = writeln!(
             out,
             "# HELP clinicbox_bundles_total Bundle decisions of the inbox and update channel.\n# TYPE clinicbox_bundles_total counter"
