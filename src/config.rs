@@ -195,7 +195,7 @@ pub struct Upstream {
 }
 
 /// `[limits]` overrides.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     /// Largest bundle file, MiB.
@@ -233,6 +233,9 @@ pub struct Config {
     pub log_level: LevelFilter,
     /// Effective limits.
     pub limits: Limits,
+    /// The `[limits]` section as written (what [`Config::restart_needed`]
+    /// compares, key by key).
+    limits_set: RawLimits,
     /// The upstream server, if configured.
     pub upstream: Option<Upstream>,
     /// Compiled-code cache directory, if set.
@@ -299,6 +302,43 @@ impl Config {
         Config::parse(&text, &path)
     }
 
+    /// The settings read at start only that differ in `new`, named as in
+    /// the file (`limits.api_workers`, `api.listen`, …): what a reload to
+    /// `new` leaves waiting for the next restart. Empty when none.
+    pub fn restart_needed(&self, new: &Config) -> Vec<String> {
+        let keys = |l: &RawLimits| match serde_json::to_value(l) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let (old_keys, new_keys) = (keys(&self.limits_set), keys(&new.limits_set));
+        let mut changed: Vec<String> = old_keys
+            .iter()
+            .filter(|(k, v)| new_keys.get(*k) != Some(*v))
+            .map(|(k, _)| format!("limits.{k}"))
+            .collect();
+        let (a, b) = (&self.daemon, &new.daemon);
+        for (name, differs) in [
+            (
+                "upstream.audit_budget_kib",
+                self.limits.audit_budget_bytes != new.limits.audit_budget_bytes,
+            ),
+            ("api.listen", a.listen != b.listen),
+            ("api.tls_cert, api.tls_key", a.tls != b.tls),
+            ("daemon.inbox", a.inbox != b.inbox),
+            (
+                "daemon.pipeline_priority_boost",
+                a.pipeline_priority_boost != b.pipeline_priority_boost,
+            ),
+            ("log_level", self.log_level != new.log_level),
+            ("cache_dir", self.cache_dir != new.cache_dir),
+        ] {
+            if differs {
+                changed.push(name.to_owned());
+            }
+        }
+        changed
+    }
+
     /// Parses config text read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
@@ -343,6 +383,7 @@ impl Config {
             }
         };
         let mut limits = Limits::default();
+        let limits_set = raw.limits.clone().unwrap_or_default();
         if let Some(l) = raw.limits {
             const MIB: u64 = 1024 * 1024;
             let bounded = |v: u64, lo: u64, hi: u64, f: &'static str| {
@@ -500,6 +541,7 @@ impl Config {
             source,
             log_level,
             limits,
+            limits_set,
             upstream,
             cache_dir: raw.cache_dir,
             daemon,
@@ -655,6 +697,31 @@ mod tests {
         let c = parse("log_level = \"debug\"\n[limits]\nmax_bundle_mib = 8\n").unwrap();
         assert_eq!(c.limits.max_bundle_bytes, 8 * 1024 * 1024);
         assert_eq!(c.log_level, LevelFilter::Debug);
+    }
+
+    /// A reload names each changed start-only setting as written in the
+    /// file, and nothing for settings applied at once.
+    #[test]
+    fn restart_needed_names_each_changed_start_only_setting() {
+        let old = parse("[limits]\napi_workers = 8\nmax_bundle_mib = 8\n").unwrap();
+        let same = parse("[limits]\napi_workers = 8\nmax_bundle_mib = 8\n[daemon]\ndrain_secs = 3\ninbox_poll_ms = 250\n")
+            .unwrap();
+        assert_eq!(old.restart_needed(&same), Vec::<String>::new());
+        let new = parse(
+            "log_level = \"debug\"\n[limits]\napi_workers = 4\n\
+             [api]\nlisten = \"0.0.0.0:8787\"\n[daemon]\npipeline_priority_boost = 5\n",
+        )
+        .unwrap();
+        assert_eq!(
+            old.restart_needed(&new),
+            [
+                "limits.api_workers",
+                "limits.max_bundle_mib",
+                "api.listen",
+                "daemon.pipeline_priority_boost",
+                "log_level"
+            ]
+        );
     }
 
     #[test]

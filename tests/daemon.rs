@@ -583,9 +583,14 @@ fn sighup_reloads_the_config_and_a_bad_one_changes_nothing() {
         Value::Null
     );
 
+    // [updates] applies at once; the two start-only changes are named.
     std::fs::write(
         &b.config,
-        format!("{TEST_CONFIG}[updates]\nurl = \"https://updates.example/acme\"\n"),
+        format!(
+            "{}pipeline_priority_boost = 4\n[limits]\napi_workers = 3\n\
+             [updates]\nurl = \"https://updates.example/acme\"\n",
+            TEST_CONFIG
+        ),
     )
     .unwrap();
     d.signal("HUP");
@@ -613,6 +618,16 @@ fn sighup_reloads_the_config_and_a_bad_one_changes_nothing() {
         .collect();
     assert_eq!(reloads.len(), 2);
     assert_eq!(reloads[0]["outcome"], "ok");
+    assert_eq!(
+        reloads[0]["restart_needed"],
+        json!(["limits.api_workers", "daemon.pipeline_priority_boost"])
+    );
+    assert!(
+        log.contains(
+            "these changes wait for the next restart (until then the daemon runs with their old values): limits.api_workers, daemon.pipeline_priority_boost"
+        ),
+        "{log}"
+    );
 }
 
 /// Sends raw bytes and returns what the server answered before closing

@@ -55,6 +55,9 @@ pub struct App {
     /// The plugin runtime (and through it the data dir, limits, audit log).
     pub rt: Runtime,
     config: RwLock<Arc<Config>>,
+    /// The config the daemon started with, whose start-only settings are
+    /// the ones in force (what a reload is compared with).
+    started_with: Arc<Config>,
     /// Counters for `/metrics`.
     pub metrics: metrics::Metrics,
     /// Set once plugins are loaded.
@@ -155,9 +158,11 @@ pub fn run(
             log::warn!("api worker: cannot open the databases yet: {e:#}");
         }
     })?;
+    let config = Arc::new(config);
     let app = Arc::new(App {
         rt,
-        config: RwLock::new(Arc::new(config)),
+        started_with: config.clone(),
+        config: RwLock::new(config),
         metrics: metrics::Metrics::default(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
@@ -316,22 +321,21 @@ fn note(app: &App, kind: &'static str, body: serde_json::Value) {
 fn reload_config(app: &App, reload: &Reload) {
     match reload() {
         Ok(new) => {
-            let old = app.config();
-            let restart_only = new.limits != old.limits
-                || new.daemon.listen != old.daemon.listen
-                || new.daemon.tls != old.daemon.tls
-                || new.daemon.inbox != old.daemon.inbox
-                || new.cache_dir != old.cache_dir
-                || new.log_level != old.log_level;
-            if restart_only {
-                log::warn!(
-                    "config reloaded; changes to [limits] (and upstream.audit_budget_kib), [api], daemon.inbox, cache_dir and log_level take effect at the next restart"
-                );
-            } else {
+            let waiting = app.started_with.restart_needed(&new);
+            if waiting.is_empty() {
                 log::info!("config reloaded");
+            } else {
+                log::warn!(
+                    "config reloaded; these changes wait for the next restart (until then the daemon runs with their old values): {}",
+                    waiting.join(", ")
+                );
             }
             *app.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
-            note(app, "daemon", json!({"action": "reload", "outcome": "ok"}));
+            note(
+                app,
+                "daemon",
+                json!({"action": "reload", "outcome": "ok", "restart_needed": waiting}),
+            );
         }
         Err(e) => {
             log::error!("config reload refused, keeping the running config: {e:#}");
