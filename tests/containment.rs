@@ -626,6 +626,41 @@ fn a_host_function_is_linked_only_while_a_grant_allows_it() {
     assert_eq!(again["total"], 1, "{again}");
 }
 
+/// A removed plugin's code and idle instances are freed by
+/// `forget_stale`, a kept one's are not, and a call to it afterwards is
+/// refused as not installed.
+#[test]
+fn a_removed_plugins_code_and_idle_instances_are_freed() {
+    let (b, rt) = setup();
+    assert_eq!(call(&rt, "p1", "stash", "kept").unwrap(), "");
+    let steady = rt
+        .call(&req("good/steady", "p1", "stash", "x"))
+        .map(|o| o.output)
+        .unwrap();
+    assert!(steady.is_empty());
+    let both = rt.idle_bytes();
+    assert!(both > 0);
+    assert_eq!(rt.forget_stale().unwrap(), Vec::<String>::new());
+    assert_eq!(rt.idle_bytes(), both, "nothing stale, nothing dropped");
+
+    b.ok(&["plugin", "remove", "good/steady"]);
+    assert_eq!(rt.forget_stale().unwrap(), ["good/steady"]);
+    assert!(
+        rt.idle_bytes() < both && rt.idle_bytes() > 0,
+        "the removed plugin's instance is gone, the other's stays"
+    );
+    assert_eq!(
+        call(&rt, "p1", "stash", "").unwrap(),
+        "kept",
+        "evil/hostile's warm instance kept its patient's stash"
+    );
+    let e = rt
+        .call(&req("good/steady", "p1", "stash", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not installed"), "{e}");
+}
+
 #[test]
 fn idle_instances_stay_warm_per_patient_within_the_memory_budget() {
     let (b, rt) = setup();

@@ -361,6 +361,15 @@ fn inbox_loop(app: &App) {
         if let Err(e) = inbox::scan(app, &app.inbox, &mut seen) {
             log::warn!("inbox: {e:#}");
         }
+        // Plugins removed or replaced meanwhile (by the CLI, say) free
+        // their code and idle instances.
+        match app.rt.forget_stale() {
+            Ok(gone) if !gone.is_empty() => {
+                log::info!("unloaded (removed or replaced): {}", gone.join(", "));
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("cannot check for removed plugins: {e:#}"),
+        }
         if app.stop.sleep(app.config().daemon.inbox_poll) {
             return;
         }

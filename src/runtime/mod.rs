@@ -266,6 +266,36 @@ impl Runtime {
         self.idle_bytes.load(Ordering::Relaxed)
     }
 
+    /// Drops the compiled code and idle instances of plugins that are no
+    /// longer installed, or no longer at the version loaded (`plugin
+    /// remove`, `plugin rollback`, an install, perhaps by another process).
+    /// A call loads the current version anyway; this frees what the old
+    /// one held, which otherwise stays until the idle budget pushes its
+    /// instances out, and its code for good. Calls in flight keep their
+    /// own reference and finish on the version they started with. Returns
+    /// the plugins dropped.
+    pub fn forget_stale(&self) -> Result<Vec<String>> {
+        let current: HashMap<String, String> = conns::with(&self.env.dir, Db::State, |s| {
+            let mut stmt = s.prepare_cached("SELECT name, current FROM plugins")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })?;
+        let stale: Vec<(String, Arc<Loaded>)> = {
+            let mut map = self.plugins.write().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = map
+                .iter()
+                .filter(|(name, l)| current.get(*name) != Some(&l.digest))
+                .map(|(name, _)| name.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| map.remove(&n).map(|l| (n, l)))
+                .collect()
+        };
+        // Dropped here, outside the map's lock: instances take a moment.
+        Ok(stale.into_iter().map(|(name, _)| name).collect())
+    }
+
     /// The current version of `name`, loading (compiling) it if the cached
     /// one is missing or no longer current. Cheap when nothing changed.
     fn current(&self, name: &str) -> Result<Arc<Loaded>, CallError> {
