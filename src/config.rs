@@ -304,26 +304,41 @@ impl Config {
 
     /// The settings read at start only that differ in `new`, named as in
     /// the file (`limits.api_workers`, `api.listen`, …): what a reload to
-    /// `new` leaves waiting for the next restart. Empty when none.
+    /// `new` leaves waiting for the next restart. Empty when none. The
+    /// `[limits]` keys are named when the limits in force would change, as
+    /// the keys whose written values differ (sorted), so a default only
+    /// written out, or removed, changes nothing.
     pub fn restart_needed(&self, new: &Config) -> Vec<String> {
         let keys = |l: &RawLimits| match serde_json::to_value(l) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
         };
-        let (old_keys, new_keys) = (keys(&self.limits_set), keys(&new.limits_set));
-        let mut changed: Vec<String> = old_keys
-            .iter()
-            .filter(|(k, v)| new_keys.get(*k) != Some(*v))
-            .map(|(k, _)| format!("limits.{k}"))
-            .collect();
+        let mut changed: Vec<String> = Vec::new();
+        // The audit budget lives in the limits too; it is named below.
+        let budget_only = Limits {
+            audit_budget_bytes: new.limits.audit_budget_bytes,
+            ..self.limits.clone()
+        } == new.limits;
+        if !budget_only {
+            let (old_keys, new_keys) = (keys(&self.limits_set), keys(&new.limits_set));
+            changed = old_keys
+                .iter()
+                .filter(|(k, v)| new_keys.get(*k) != Some(*v))
+                .map(|(k, _)| format!("limits.{k}"))
+                .collect();
+            changed.sort();
+        }
         let (a, b) = (&self.daemon, &new.daemon);
+        let cert = |d: &Daemon| d.tls.as_ref().map(|t| t.0.clone());
+        let key = |d: &Daemon| d.tls.as_ref().map(|t| t.1.clone());
         for (name, differs) in [
             (
                 "upstream.audit_budget_kib",
                 self.limits.audit_budget_bytes != new.limits.audit_budget_bytes,
             ),
             ("api.listen", a.listen != b.listen),
-            ("api.tls_cert, api.tls_key", a.tls != b.tls),
+            ("api.tls_cert", cert(a) != cert(b)),
+            ("api.tls_key", key(a) != key(b)),
             ("daemon.inbox", a.inbox != b.inbox),
             (
                 "daemon.pipeline_priority_boost",
@@ -707,6 +722,12 @@ mod tests {
         let same = parse("[limits]\napi_workers = 8\nmax_bundle_mib = 8\n[daemon]\ndrain_secs = 3\ninbox_poll_ms = 250\n")
             .unwrap();
         assert_eq!(old.restart_needed(&same), Vec::<String>::new());
+        // A default written out (or removed) changes nothing in force.
+        let spelled =
+            parse("[limits]\napi_workers = 8\nmax_bundle_mib = 8\nidle_instances_mib = 512\n")
+                .unwrap();
+        assert_eq!(old.restart_needed(&spelled), Vec::<String>::new());
+        assert_eq!(spelled.restart_needed(&old), Vec::<String>::new());
         let new = parse(
             "log_level = \"debug\"\n[limits]\napi_workers = 4\n\
              [api]\nlisten = \"0.0.0.0:8787\"\n[daemon]\npipeline_priority_boost = 5\n",

@@ -246,7 +246,7 @@ pub fn run(cli: Cli, config: Config) -> Result<()> {
         Command::Call(args) => call::run(&ctx, args),
         Command::Audit(cmd) => audit::run(&ctx, cmd),
         Command::Sync(args) => sync::run(&ctx, args),
-        Command::Run => run::run(&ctx, cli.config.clone()),
+        Command::Run => run::run(&ctx, cli.config.clone(), cli.cache_dir.clone()),
         Command::Token(cmd) => token::run(&ctx, cmd),
         Command::Update => run::update(&ctx),
     }

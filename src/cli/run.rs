@@ -9,10 +9,19 @@ use super::Ctx;
 use crate::config::Config;
 
 /// Runs the daemon until SIGTERM. SIGHUP re-reads `config_path` (or the
-/// default path) with the same rules as at start.
-pub fn run(ctx: &Ctx, config_path: Option<PathBuf>) -> Result<()> {
-    let reload = Box::new(move || Ok(Config::load(config_path.as_deref())?));
-    crate::daemon::run(ctx.dir.clone(), ctx.config.clone(), reload, |url| {
+/// default path) with the same rules as at start. `cache_dir` (from
+/// `--cache-dir` or `CLINICBOX_CACHE_DIR`) overrides the file's, at start
+/// and on every reload, so a reload never reports the file's as waiting.
+pub fn run(ctx: &Ctx, config_path: Option<PathBuf>, cache_dir: Option<PathBuf>) -> Result<()> {
+    let forced = move |mut c: Config| {
+        if let Some(d) = &cache_dir {
+            c.cache_dir = Some(d.clone());
+        }
+        c
+    };
+    let start = forced(ctx.config.clone());
+    let reload = Box::new(move || Ok(forced(Config::load(config_path.as_deref())?)));
+    crate::daemon::run(ctx.dir.clone(), start, reload, |url| {
         eprintln!("clinicbox: serving on {url}");
     })
 }

@@ -18,8 +18,9 @@
 //! - `WATCHDOG=1` from the main loop at half the watchdog interval.
 //!
 //! Signals: SIGHUP reloads the config file (upstream, updates, inbox
-//! period, disk warning threshold; `[limits]` and `api.listen` need a
-//! restart, and a reload says so). SIGTERM or SIGINT drains: `/readyz`
+//! period, drain time, disk warning threshold; the settings read at start
+//! only wait for a restart, and a reload names each one it leaves waiting,
+//! docs/configuration.md "Reloading"). SIGTERM or SIGINT drains: `/readyz`
 //! turns 503, new requests get 503, requests in flight get up to
 //! `daemon.drain_secs` to finish (each plugin call's record is committed
 //! before its answer is sent, so a call is either recorded and answered,

@@ -275,25 +275,36 @@ impl Runtime {
     /// own reference and finish on the version they started with. Returns
     /// the plugins dropped.
     pub fn forget_stale(&self) -> Result<Vec<String>> {
+        // The loader's lock (taken before the map's, as `current` does):
+        // no version is loaded between reading what is current and
+        // dropping what is not, so a version loaded just now is never
+        // taken for a stale one.
+        let loader = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         let current: HashMap<String, String> = conns::with(&self.env.dir, Db::State, |s| {
             let mut stmt = s.prepare_cached("SELECT name, current FROM plugins")?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })?;
-        let stale: Vec<(String, Arc<Loaded>)> = {
+        let mut names: Vec<String> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(name, l)| current.get(*name) != Some(&l.digest))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if names.is_empty() {
+            return Ok(names);
+        }
+        names.sort();
+        let stale: Vec<Arc<Loaded>> = {
             let mut map = self.plugins.write().unwrap_or_else(|p| p.into_inner());
-            let names: Vec<String> = map
-                .iter()
-                .filter(|(name, l)| current.get(*name) != Some(&l.digest))
-                .map(|(name, _)| name.clone())
-                .collect();
-            names
-                .into_iter()
-                .filter_map(|n| map.remove(&n).map(|l| (n, l)))
-                .collect()
+            names.iter().filter_map(|n| map.remove(n)).collect()
         };
-        // Dropped here, outside the map's lock: instances take a moment.
-        Ok(stale.into_iter().map(|(name, _)| name).collect())
+        // Dropped here, outside both locks: instances take a moment.
+        drop(loader);
+        drop(stale);
+        Ok(names)
     }
 
     /// The current version of `name`, loading (compiling) it if the cached
