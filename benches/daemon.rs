@@ -405,7 +405,14 @@ fn report_stages(before: &str, after: &str) {
         }
     };
     let mut parts = Vec::new();
-    for stage in ["queue", "store", "plugins", "record", "whole request"] {
+    for stage in [
+        "queue",
+        "store",
+        "plugins",
+        "durable",
+        "record",
+        "whole request",
+    ] {
         let Some(a) = after.remove(stage) else {
             continue;
         };

@@ -3,8 +3,9 @@
 //! Each database has an ordered list of migrations; `PRAGMA user_version`
 //! records how many have run. Migrations run inside one transaction each, so
 //! a crash mid-migration leaves the previous version. Invariants: every
-//! connection runs in WAL mode with `synchronous=FULL` (a committed
-//! transaction survives power loss) and foreign keys on; a database newer
+//! connection opens in WAL mode with `synchronous=FULL` (a committed
+//! transaction survives power loss; `fhir.db`'s connections lower it, see
+//! `fhir::open` and `fhir::writer`) and foreign keys on; a database newer
 //! than this build (more migrations than it knows) is refused, never
 //! downgraded.
 

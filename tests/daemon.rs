@@ -366,7 +366,7 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         Some(10),
         "{m}"
     );
-    for stage in ["store", "plugins", "record"] {
+    for stage in ["store", "plugins", "durable", "record"] {
         assert_eq!(
             count(&format!(
                 "clinicbox_ingest_stage_seconds_count{{stage=\"{stage}\"}}"
@@ -395,7 +395,7 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         ))
     };
     assert!(stage("plugins") >= news2 && news2 > 0.0, "{m}");
-    let stages: f64 = ["queue", "store", "plugins", "record"]
+    let stages: f64 = ["queue", "store", "plugins", "durable", "record"]
         .iter()
         .map(|s| stage(s))
         .sum();

@@ -5,22 +5,27 @@
 //! 1. parse and check every resource (an Observation with a
 //!    `subject` of `Patient/<id>`); one bad entry refuses the whole request
 //!    with 400/422 naming the entry and field, and nothing is stored;
-//! 2. store them in the token's tenant, all or none, durably (fsynced),
-//!    through the group-committing writer (`fhir::writer`): concurrent
-//!    devices share one transaction and one fsync (an Observation without
-//!    `id` gets one derived from its tenant and content,
-//!    [`store::content_id`], so that a device resending the same reading
-//!    after a timeout or a 503 does not store it twice);
-//! 3. record `fhir.ingest` in the audit log (durable);
+//! 2. store them in the token's tenant, all or none, through the
+//!    group-committing writer (`fhir::writer`): concurrent devices share
+//!    one transaction and one fsync (an Observation without `id` gets one
+//!    derived from its tenant and content, [`store::content_id`], so that a
+//!    device resending the same reading after a timeout or a 503 does not
+//!    store it twice). This returns once they have committed; the WAL's
+//!    fsync runs meanwhile, beside steps 3–4;
+//! 3. queue the `fhir.ingest` record in the audit log;
 //! 4. run, per patient, every plugin function whose manifest subscription
 //!    matches one of the stored (or resent unchanged) resources, with input
 //!    `{"patient": "Patient/<id>"}`; each call is recorded by the runtime;
-//! 5. answer 201 with what was stored and each triggered call's output
-//!    (e.g. a NEWS2 `RiskAssessment`) or error.
+//! 5. wait until the resources are durable (the fsync of step 2) and the
+//!    `fhir.ingest` record is; only then answer 201 with what was stored
+//!    and each triggered call's output (e.g. a NEWS2 `RiskAssessment`) or
+//!    error. So a 201 still means "on disk", and the fsync is no longer on
+//!    the way to the plugins.
 //!
-//! Steps 1–2 (`store`), 4 (`plugins`) and the rest of 3's wait (`record`)
-//! are timed in `/metrics` (`clinicbox_ingest_stage_seconds`), beside the
-//! wait for a worker before step 1 (`queue`, timed in `super::http`).
+//! Steps 1–2 (`store`), 4 (`plugins`) and 5's waits for the fsync
+//! (`durable`) and for the record (`record`) are timed in `/metrics`
+//! (`clinicbox_ingest_stage_seconds`), beside the wait for a worker
+//! before step 1 (`queue`, timed in `super::http`).
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -52,8 +57,8 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         Err(msg) => return Reply::error(422, "invalid", &msg),
     };
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    // A 201 means on disk: the writer commits with synchronous=FULL, in
-    // one transaction (one fsync) with whatever other devices sent.
+    // A 201 means on disk: the writer commits in one transaction with
+    // whatever other devices sent, and fsyncs once for all of them.
     let (refs, values): (Vec<(String, String)>, Vec<Value>) = resources
         .into_iter()
         .map(|(id, patient, res)| ((id, patient), res))
@@ -64,8 +69,8 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         .store(&who.tenant, values.clone(), now_ms as i64);
     app.metrics
         .ingest_stage(IngestStage::Store, started.elapsed());
-    let written = match stored {
-        Ok(w) => w,
+    let (written, durable) = match stored {
+        Ok(s) => (s.upserted, s.durable),
         Err(fhir::writer::WriteError::DiskFull(e)) => {
             log::error!("api: ingest: the disk holding fhir.db is full: {e}");
             return Reply::error(
@@ -171,9 +176,21 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             })),
         });
     }
+    let durable_started = std::time::Instant::now();
+    app.metrics
+        .ingest_stage(IngestStage::Plugins, durable_started - plugins_started);
+    let synced = durable.wait();
     let record_started = std::time::Instant::now();
     app.metrics
-        .ingest_stage(IngestStage::Plugins, record_started - plugins_started);
+        .ingest_stage(IngestStage::Durable, record_started - durable_started);
+    if let Err(e) = synced {
+        log::error!("api: ingest: {e:#}");
+        return Reply::error(
+            500,
+            "exception",
+            &format!("the Observations may not be on disk; resend them: {e:#}"),
+        );
+    }
     let recorded = recorded.wait();
     app.metrics
         .ingest_stage(IngestStage::Record, record_started.elapsed());

@@ -26,11 +26,13 @@ const BUCKETS: [f64; 16] = [
 pub enum IngestStage {
     /// From the request's body being read to a worker taking it up.
     Queue,
-    /// Checking the resources and storing them durably (the FHIR writer's
-    /// group commit and its fsync).
+    /// Checking the resources and storing them (until the FHIR writer's
+    /// group has committed; its fsync runs on beside the plugins).
     Store,
     /// The triggered plugin calls, each with its durable audit records.
     Plugins,
+    /// What is left of waiting for the stored resources' fsync.
+    Durable,
     /// What is left of waiting for the `fhir.ingest` record to be durable.
     Record,
 }
@@ -41,6 +43,7 @@ impl IngestStage {
             IngestStage::Queue => "queue",
             IngestStage::Store => "store",
             IngestStage::Plugins => "plugins",
+            IngestStage::Durable => "durable",
             IngestStage::Record => "record",
         }
     }

@@ -2,12 +2,23 @@
 //! concurrent writes that must each be durable before they are answered
 //! (device ingest: a bedside monitor's 201 means "on disk").
 //!
-//! One writer thread owns a `fhir.db` connection with `synchronous=FULL`.
-//! Callers hand it their resources and block; it takes everything queued,
-//! stores it all in one transaction, commits once (one fsync for the whole
-//! group) and answers every caller. So 200 devices sending at once cost a
-//! handful of fsyncs, not 200, and no caller sleeps in SQLite's busy
-//! handler waiting for another's commit.
+//! One writer thread owns a `fhir.db` connection. Callers hand it their
+//! resources and block; it takes everything queued, stores it all in one
+//! transaction, commits once and answers every caller, then fsyncs the WAL
+//! once for the whole group and tells every caller again. So 200 devices
+//! sending at once cost a handful of fsyncs, not 200, and no caller sleeps
+//! in SQLite's busy handler waiting for another's commit.
+//!
+//! Committed, then durable: the connection commits with
+//! `synchronous=NORMAL` (in WAL mode: the commit writes the WAL but does
+//! not fsync it; checkpoints still fsync the WAL before copying it back,
+//! and the database after). So a group is visible to readers as soon as it
+//! has committed, and its callers go on (device ingest runs the triggered
+//! plugins, which read it) while the writer fsyncs the WAL. A caller's
+//! [`Durable::wait`] returns once that fsync has. A crash of the process
+//! loses nothing committed (it is in the OS page cache); a power loss can
+//! lose the groups whose fsync had not returned, and SQLite's WAL checksums
+//! drop exactly those on the next open, never corrupting the file.
 //!
 //! Invariants:
 //! - a caller's resources are stored all or none, and one caller's failure
@@ -15,8 +26,17 @@
 //!   the failing caller gets its error, and the others are stored again
 //!   together;
 //! - a caller is answered `Ok` only after the commit that holds its
-//!   resources returned; if the group's commit fails, every caller of the
-//!   group gets the error and nothing of the group is stored;
+//!   resources returned, and [`Durable::wait`] is `Ok` only after an
+//!   fsync of the WAL that began after that commit returned; if the
+//!   group's commit fails, every caller of the group gets the error and
+//!   nothing of the group is stored;
+//! - if an fsync of the WAL fails, its callers get the error, and so does
+//!   every later store until the daemon restarts: after a failed fsync
+//!   Linux may have dropped the unwritten pages, so nothing committed since
+//!   the last good fsync can be called durable again (SQLite itself
+//!   refuses a commit whose fsync failed; here the commit came first);
+//! - the WAL file is fsynced through its path: SQLite removes it only when
+//!   the last connection to `fhir.db` closes, and this writer's stays open;
 //! - WAL checkpoints run off this thread (`crate::checkpointer`), but for
 //!   a RESTART of at most 100 ms if the WAL outgrows four times its
 //!   threshold;
@@ -71,6 +91,31 @@ struct Job {
     resources: Arc<[Value]>,
     now_ms: i64,
     reply: mpsc::SyncSender<Result<Vec<Upserted>, WriteError>>,
+    durable: mpsc::SyncSender<Result<(), WriteError>>,
+}
+
+/// Resources that have committed (readers see them) and the wait for
+/// them to be on disk.
+#[derive(Debug)]
+pub struct Stored {
+    /// What each upsert did, in order.
+    pub upserted: Vec<Upserted>,
+    /// Waits for the fsync of the WAL that makes them durable.
+    pub durable: Durable,
+}
+
+/// The wait for a committed group's fsync ([`Stored::durable`]).
+#[derive(Debug)]
+#[must_use = "a store is durable only once `Durable::wait` says so"]
+pub struct Durable(mpsc::Receiver<Result<(), WriteError>>);
+
+impl Durable {
+    /// Returns once the resources are durable, or why they may not be.
+    pub fn wait(self) -> Result<(), WriteError> {
+        self.0.recv().map_err(|_| {
+            WriteError::Failed("the FHIR writer stopped before its fsync returned".into())
+        })?
+    }
 }
 
 /// A handle on the writer thread of one data dir's `fhir.db`.
@@ -100,61 +145,108 @@ impl Writer {
     pub fn open(dir: &DataDir, limits: &crate::limits::Limits) -> Result<Writer> {
         let wait = std::time::Duration::from_micros(limits.group_commit_wait_us);
         let conn = super::open(dir)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .context("fhir.db: cannot set synchronous=FULL")?;
+        // Commits without fsync; the writer fsyncs the WAL itself (above).
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .context("fhir.db: cannot set synchronous=NORMAL")?;
         conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)
             .context("fhir.db: cannot set cache_size")?;
         let ckpt = Checkpointer::start("fhir.db", &conn, super::open(dir)?, CHECKPOINT_AT)?;
+        let mut wal = dir.fhir_db().into_os_string();
+        wal.push("-wal");
+        Writer::start(conn, ckpt, wait, wal.into())
+    }
+
+    /// Starts the writer thread on `conn`, fsyncing the WAL file at `wal`.
+    fn start(
+        conn: Connection,
+        ckpt: Checkpointer,
+        wait: std::time::Duration,
+        wal: std::path::PathBuf,
+    ) -> Result<Writer> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fhir-writer".into())
             .spawn(move || {
                 crate::priority::pipeline_thread("fhir-writer");
-                run(conn, ckpt, wait, rx)
+                run(conn, ckpt, wait, rx, &wal)
             })
             .context("cannot start the FHIR writer thread")?;
         Ok(Writer { tx })
     }
 
     /// Stores `resources` in `tenant` (created if new) and returns, once
-    /// they are durable, what each upsert did, in order. `now_ms` is the
-    /// `lastUpdated` of resources that carry none.
+    /// they have committed, what each upsert did and the wait for them to
+    /// be durable. `now_ms` is the `lastUpdated` of resources that carry
+    /// none.
     pub fn store(
         &self,
         tenant: &str,
         resources: Arc<[Value]>,
         now_ms: i64,
-    ) -> Result<Vec<Upserted>, WriteError> {
+    ) -> Result<Stored, WriteError> {
         let (reply, answer) = mpsc::sync_channel(1);
+        let (durable, synced) = mpsc::sync_channel(1);
         self.tx
             .send(Job {
                 tenant: tenant.to_owned(),
                 resources,
                 now_ms,
                 reply,
+                durable,
             })
             .map_err(|_| WriteError::Failed("the FHIR writer has stopped".into()))?;
-        answer
+        let upserted = answer
             .recv()
-            .map_err(|_| WriteError::Failed("the FHIR writer stopped before answering".into()))?
+            .map_err(|_| WriteError::Failed("the FHIR writer stopped before answering".into()))??;
+        Ok(Stored {
+            upserted,
+            durable: Durable(synced),
+        })
     }
 }
 
 /// The writer thread: waits for one job, gathers what else arrives within
 /// `wait` (`crate::group`), stores it all in one transaction, answers
-/// every caller.
+/// every caller, fsyncs the WAL at `wal` and tells every caller again.
 fn run(
     mut conn: Connection,
     mut ckpt: Checkpointer,
     wait: std::time::Duration,
     rx: mpsc::Receiver<Job>,
+    wal: &std::path::Path,
 ) {
+    // Set by the first failed fsync; every store after it fails with it.
+    let mut failed_fsync: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let group = crate::group::gather(&rx, first, wait, MAX_GROUP);
+        if let Some(why) = &failed_fsync {
+            let err = WriteError::Failed(why.clone());
+            for job in group {
+                let _ = job.reply.send(Err(err.clone()));
+            }
+            continue;
+        }
         match store_group(&mut conn, &group) {
             Ok(results) => {
+                let mut waiting = Vec::with_capacity(group.len());
                 for (job, r) in group.into_iter().zip(results) {
-                    let _ = job.reply.send(r);
+                    if job.reply.send(r).is_ok() {
+                        waiting.push(job.durable);
+                    }
+                }
+                let synced = sync(wal).map_err(|e| {
+                    let why = format!(
+                        "cannot store in the FHIR cache: the fsync of {} failed ({e}); \
+                         what was stored since the last good fsync may not be on disk, \
+                         and nothing more is stored until clinicbox restarts",
+                        wal.display()
+                    );
+                    log::error!("fhir writer: {why}");
+                    failed_fsync = Some(why.clone());
+                    WriteError::Failed(why)
+                });
+                for d in waiting {
+                    let _ = d.send(synced.clone());
                 }
             }
             Err(e) => {
@@ -171,6 +263,12 @@ fn run(
         // After the answers: a caller never waits for a checkpoint.
         ckpt.after_commit(&conn);
     }
+}
+
+/// fsyncs (fdatasync) the WAL file at `wal`: all of it, whichever file
+/// descriptor wrote it.
+fn sync(wal: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(wal)?.sync_data()
 }
 
 /// One transaction for the whole group, committed once. If a job fails,
@@ -255,6 +353,7 @@ mod tests {
             resources: resources.into(),
             now_ms: 0,
             reply: mpsc::sync_channel(1).0,
+            durable: mpsc::sync_channel(1).0,
         }
     }
 
@@ -349,7 +448,11 @@ mod tests {
                         // A resource the store refuses: this caller alone fails.
                         batch.push(json!({"resourceType": "Observation", "id": "bad id"}));
                     }
-                    (i, w.store("t1", batch.into(), 0))
+                    let stored = w.store("t1", batch.into(), 0).and_then(|s| {
+                        s.durable.wait()?;
+                        Ok(s.upserted)
+                    });
+                    (i, stored)
                 })
             })
             .collect();
@@ -372,8 +475,63 @@ mod tests {
         );
         // A resend is unchanged, not a new version.
         assert_eq!(
-            w.store("t1", vec![obs("o1a", "p1")].into(), 0).unwrap(),
+            w.store("t1", vec![obs("o1a", "p1")].into(), 0)
+                .unwrap()
+                .upserted,
             vec![Upserted::Unchanged]
         );
+    }
+
+    /// Other connections see a group as soon as `store` returns, before
+    /// its fsync is waited for; `Durable::wait` then says it is on disk.
+    #[test]
+    fn a_store_is_visible_once_committed_and_then_durable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        dir.init().unwrap();
+        let w = Writer::open(&dir, &crate::limits::Limits::default()).unwrap();
+        let reader = crate::fhir::open(&dir).unwrap();
+        let stored = w.store("t1", vec![obs("v1", "p1")].into(), 0).unwrap();
+        assert_eq!(stored.upserted, vec![Upserted::Created]);
+        let seen: i64 = reader
+            .query_row("SELECT count(*) FROM resources WHERE id = 'v1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(seen, 1, "committed, so visible to readers");
+        stored.durable.wait().unwrap();
+    }
+
+    /// A failed fsync fails its group's durable wait, naming the file, and
+    /// every later store at once: nothing after it is called durable.
+    #[test]
+    fn a_failed_fsync_fails_its_group_and_every_store_after_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        dir.init().unwrap();
+        let conn = crate::fhir::open(&dir).unwrap();
+        let ckpt =
+            Checkpointer::start("fhir.db", &conn, crate::fhir::open(&dir).unwrap(), 8_000).unwrap();
+        // A WAL path that cannot be opened: its fsync fails.
+        let missing = tmp.path().join("no-such-dir").join("fhir.db-wal");
+        let w = Writer::start(conn, ckpt, std::time::Duration::ZERO, missing).unwrap();
+        let stored = w.store("t1", vec![obs("f1", "p1")].into(), 0).unwrap();
+        let e = stored.durable.wait().unwrap_err().to_string();
+        assert!(
+            e.contains("no-such-dir/fhir.db-wal") && e.contains("fsync"),
+            "{e}"
+        );
+        let later = w.store("t1", vec![obs("f2", "p1")].into(), 0).unwrap_err();
+        assert!(
+            later.to_string().contains("until clinicbox restarts"),
+            "{later}"
+        );
+        let reader = crate::fhir::open(&dir).unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM resources WHERE id = 'f2'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, 0, "nothing is stored after a failed fsync");
     }
 }
