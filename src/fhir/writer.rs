@@ -357,11 +357,17 @@ mod tests {
         }
     }
 
-    /// An initialised data dir and a `fhir.db` connection in it.
-    fn fixture() -> (tempfile::TempDir, Connection) {
+    /// An initialised data dir (in a temporary directory).
+    fn data_dir() -> (tempfile::TempDir, DataDir) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::new(tmp.path());
         dir.init().unwrap();
+        (tmp, dir)
+    }
+
+    /// An initialised data dir and a `fhir.db` connection in it.
+    fn fixture() -> (tempfile::TempDir, Connection) {
+        let (tmp, dir) = data_dir();
         let conn = crate::fhir::open(&dir).unwrap();
         (tmp, conn)
     }
@@ -434,9 +440,7 @@ mod tests {
 
     #[test]
     fn concurrent_callers_are_each_stored_whole_or_refused_alone() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
-        dir.init().unwrap();
+        let (_tmp, dir) = data_dir();
         let w = Writer::open(&dir, &crate::limits::Limits::default()).unwrap();
         let threads: Vec<_> = (0..16)
             .map(|i| {
@@ -486,9 +490,7 @@ mod tests {
     /// its fsync is waited for; `Durable::wait` then says it is on disk.
     #[test]
     fn a_store_is_visible_once_committed_and_then_durable() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
-        dir.init().unwrap();
+        let (_tmp, dir) = data_dir();
         let w = Writer::open(&dir, &crate::limits::Limits::default()).unwrap();
         let reader = crate::fhir::open(&dir).unwrap();
         let stored = w.store("t1", vec![obs("v1", "p1")].into(), 0).unwrap();
@@ -506,9 +508,7 @@ mod tests {
     /// every later store at once: nothing after it is called durable.
     #[test]
     fn a_failed_fsync_fails_its_group_and_every_store_after_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::new(tmp.path());
-        dir.init().unwrap();
+        let (tmp, dir) = data_dir();
         let conn = crate::fhir::open(&dir).unwrap();
         let ckpt =
             Checkpointer::start("fhir.db", &conn, crate::fhir::open(&dir).unwrap(), 8_000).unwrap();
