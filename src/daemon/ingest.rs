@@ -124,7 +124,13 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     // records share its fsync.
     let recorded = match env.audit.submit(Entry::new("fhir.ingest", &record)) {
         Ok(p) => p,
-        Err(e) => return unrecorded(&e),
+        Err(e) => {
+            // No answer before the fsync, this one included.
+            if let Err(why) = durable.wait() {
+                return not_durable(&why);
+            }
+            return unrecorded(&e);
+        }
     };
     let plugins_started = std::time::Instant::now();
     let subs = match app.rt.subscriptions() {
@@ -184,12 +190,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     app.metrics
         .ingest_stage(IngestStage::Durable, record_started - durable_started);
     if let Err(e) = synced {
-        log::error!("api: ingest: {e:#}");
-        return Reply::error(
-            500,
-            "exception",
-            &format!("the Observations may not be on disk; resend them: {e:#}"),
-        );
+        return not_durable(&e);
     }
     let recorded = recorded.wait();
     app.metrics
@@ -221,6 +222,16 @@ struct Answer {
 enum Triggered {
     Answered(CallAnswer),
     Refused(Value),
+}
+
+/// The 500 for Observations whose fsync failed.
+fn not_durable(e: &fhir::writer::WriteError) -> Reply {
+    log::error!("api: ingest: {e:#}");
+    Reply::error(
+        500,
+        "exception",
+        &format!("the Observations may not be on disk; resend them: {e:#}"),
+    )
 }
 
 fn unrecorded(e: &anyhow::Error) -> Reply {

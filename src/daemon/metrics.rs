@@ -217,7 +217,7 @@ impl Metrics {
         render_histograms(
             &mut out,
             "clinicbox_ingest_stage_seconds",
-            "Device ingest latency by stage: queue (waiting for a worker), store (durable, group commit), plugins (triggered calls and their durable records), record (the rest of the ingest record's wait).",
+            "Device ingest latency by stage: queue (waiting for a worker), store (checks and the group commit, up to its commit), plugins (triggered calls and their durable records), durable (the rest of the wait for the FHIR cache's fsync), record (the rest of the ingest record's wait).",
             &self.ingest_stages,
             |stage| format!("stage=\"{}\"", stage.label()),
         );

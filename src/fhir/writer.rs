@@ -34,9 +34,16 @@
 //!   every later store until the daemon restarts: after a failed fsync
 //!   Linux may have dropped the unwritten pages, so nothing committed since
 //!   the last good fsync can be called durable again (SQLite itself
-//!   refuses a commit whose fsync failed; here the commit came first);
-//! - the WAL file is fsynced through its path: SQLite removes it only when
-//!   the last connection to `fhir.db` closes, and this writer's stays open;
+//!   refuses a commit whose fsync failed; here the commit came first). The
+//!   OS may still hold those pages, marked written, until the box reboots
+//!   (docs/operations.md);
+//! - the WAL file is fsynced through one file descriptor the writer opens
+//!   at start and keeps: SQLite removes the file only when the last
+//!   connection to `fhir.db` closes, and this writer's stays open. Kept,
+//!   not reopened per group: Linux reports a write-back error to every
+//!   descriptor that was open when it happened, even after another
+//!   descriptor (the checkpointer's, a sync pull's) saw it first, while a
+//!   descriptor opened later would never hear of it;
 //! - WAL checkpoints run off this thread (`crate::checkpointer`), but for
 //!   a RESTART of at most 100 ms if the WAL outgrows four times its
 //!   threshold;
@@ -151,24 +158,27 @@ impl Writer {
         conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)
             .context("fhir.db: cannot set cache_size")?;
         let ckpt = Checkpointer::start("fhir.db", &conn, super::open(dir)?, CHECKPOINT_AT)?;
-        let mut wal = dir.fhir_db().into_os_string();
-        wal.push("-wal");
-        Writer::start(conn, ckpt, wait, wal.into())
+        let mut path = dir.fhir_db().into_os_string();
+        path.push("-wal");
+        // `super::open` has read the database, which opened (created) the
+        // WAL; it stays until this writer's connection closes.
+        let wal = Wal::open(path.into())?;
+        Writer::start(conn, ckpt, wait, wal)
     }
 
-    /// Starts the writer thread on `conn`, fsyncing the WAL file at `wal`.
+    /// Starts the writer thread on `conn`, fsyncing `wal`.
     fn start(
         conn: Connection,
         ckpt: Checkpointer,
         wait: std::time::Duration,
-        wal: std::path::PathBuf,
+        wal: Wal,
     ) -> Result<Writer> {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("fhir-writer".into())
             .spawn(move || {
                 crate::priority::pipeline_thread("fhir-writer");
-                run(conn, ckpt, wait, rx, &wal)
+                run(conn, ckpt, wait, rx, wal)
             })
             .context("cannot start the FHIR writer thread")?;
         Ok(Writer { tx })
@@ -205,15 +215,35 @@ impl Writer {
     }
 }
 
+/// The WAL file of `fhir.db`, held open for the writer's life (see the
+/// invariants above for why it is never reopened).
+struct Wal {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl Wal {
+    fn open(path: std::path::PathBuf) -> Result<Wal> {
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {} to fsync it", path.display()))?;
+        Ok(Wal { file, path })
+    }
+
+    /// fsyncs (fdatasync) the whole file, whichever descriptor wrote it.
+    fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
 /// The writer thread: waits for one job, gathers what else arrives within
 /// `wait` (`crate::group`), stores it all in one transaction, answers
-/// every caller, fsyncs the WAL at `wal` and tells every caller again.
+/// every caller, fsyncs the WAL and tells every caller again.
 fn run(
     mut conn: Connection,
     mut ckpt: Checkpointer,
     wait: std::time::Duration,
     rx: mpsc::Receiver<Job>,
-    wal: &std::path::Path,
+    wal: Wal,
 ) {
     // Set by the first failed fsync; every store after it fails with it.
     let mut failed_fsync: Option<String> = None;
@@ -234,12 +264,12 @@ fn run(
                         waiting.push(job.durable);
                     }
                 }
-                let synced = sync(wal).map_err(|e| {
+                let synced = wal.sync().map_err(|e| {
                     let why = format!(
                         "cannot store in the FHIR cache: the fsync of {} failed ({e}); \
                          what was stored since the last good fsync may not be on disk, \
                          and nothing more is stored until clinicbox restarts",
-                        wal.display()
+                        wal.path.display()
                     );
                     log::error!("fhir writer: {why}");
                     failed_fsync = Some(why.clone());
@@ -263,12 +293,6 @@ fn run(
         // After the answers: a caller never waits for a checkpoint.
         ckpt.after_commit(&conn);
     }
-}
-
-/// fsyncs (fdatasync) the WAL file at `wal`: all of it, whichever file
-/// descriptor wrote it.
-fn sync(wal: &std::path::Path) -> std::io::Result<()> {
-    std::fs::File::open(wal)?.sync_data()
 }
 
 /// One transaction for the whole group, committed once. If a job fails,
@@ -512,13 +536,17 @@ mod tests {
         let conn = crate::fhir::open(&dir).unwrap();
         let ckpt =
             Checkpointer::start("fhir.db", &conn, crate::fhir::open(&dir).unwrap(), 8_000).unwrap();
-        // A WAL path that cannot be opened: its fsync fails.
-        let missing = tmp.path().join("no-such-dir").join("fhir.db-wal");
-        let w = Writer::start(conn, ckpt, std::time::Duration::ZERO, missing).unwrap();
+        // A "WAL" whose fsync fails: a pipe (fdatasync: EINVAL).
+        let (pipe, _other_end) = std::io::pipe().unwrap();
+        let wal = Wal {
+            file: std::fs::File::from(std::os::fd::OwnedFd::from(pipe)),
+            path: tmp.path().join("broken").join("fhir.db-wal"),
+        };
+        let w = Writer::start(conn, ckpt, std::time::Duration::ZERO, wal).unwrap();
         let stored = w.store("t1", vec![obs("f1", "p1")].into(), 0).unwrap();
         let e = stored.durable.wait().unwrap_err().to_string();
         assert!(
-            e.contains("no-such-dir/fhir.db-wal") && e.contains("fsync"),
+            e.contains("broken/fhir.db-wal") && e.contains("fsync"),
             "{e}"
         );
         let later = w.store("t1", vec![obs("f2", "p1")].into(), 0).unwrap_err();
