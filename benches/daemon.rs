@@ -724,6 +724,20 @@ fn report_growth(data: &std::path::Path, before: &[u64; 2], requests: u64) {
     );
 }
 
+/// The daemon's warnings and errors so far (its log level is `warn`), so
+/// that a run's stall can be matched with what the daemon said about it.
+fn report_warnings(d: &Daemon) {
+    let log = d.log.lock().map(|l| l.clone()).unwrap_or_default();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    println!("  daemon warnings and errors: {}", said.len());
+    for l in said.iter().take(8) {
+        println!("    {l}");
+    }
+}
+
 fn main() {
     fsync_probe(env_n("BENCH_FSYNC_SECS", 10));
     let devices = env_n("BENCH_DEVICES", 200) as usize;
@@ -757,6 +771,7 @@ fn main() {
         sent,
     );
     report_growth(&b.data, &sizes, sent);
+    report_warnings(&d);
     report(
         &format!("ingest, closed loop, {conns} connections back to back"),
         closed_loop(&d, &device, conns, devices, 15),

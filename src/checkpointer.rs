@@ -9,32 +9,44 @@
 //!
 //! 1. the writer's connection has no automatic checkpoint; a WAL hook tells
 //!    the writer how many frames the WAL holds after each commit;
-//! 2. while the WAL holds `start_at` frames or more, the writer wakes a
+//! 2. once the WAL holds an eighth of `start_at` frames, the writer wakes a
 //!    checkpointer thread after each commit (unless it is still busy),
 //!    which runs a PASSIVE checkpoint on its own connection while the
-//!    writer goes on (WAL mode lets them run side by side). The first
-//!    round copies most of the WAL; the next ones copy the little that was
-//!    committed meanwhile, and soon one finishes while the writer gathers
-//!    its next group;
-//! 3. the writer's next transaction then finds the WAL fully copied back
-//!    and starts it again from the beginning, so it stays near `start_at`
-//!    frames instead of growing;
-//!    (A reader still reading from the WAL's old frames puts that off to
-//!    a later round.)
+//!    writer goes on (WAL mode lets them run side by side). Rounds follow
+//!    one another, each copying back what was committed during the last:
+//!    the copying (and the fsync of the database file that ends each
+//!    round) is spread out, not one burst of `start_at` pages that would
+//!    hold up the writer's own fsync of the WAL behind it. Under steady
+//!    load the writer commits during every round, so no round ends with
+//!    the WAL copied back whole;
+//! 3. so once the WAL holds `start_at` frames and a round has ended with
+//!    at most [`CATCH_UP`] frames left to copy, the writer copies those
+//!    itself, right after its next commit
+//!    (a PASSIVE checkpoint on its own connection: a few hundred pages and
+//!    two fsyncs, a millisecond or two, after its callers were answered).
+//!    The WAL is then copied back whole, and the writer's next transaction
+//!    starts it again from the beginning, so it stays near `start_at`
+//!    frames instead of growing. More than that left: another round; each
+//!    is shorter than the last. (A reader still reading the WAL's old
+//!    frames puts the restart off; the writer then tries again after its
+//!    next commit.)
 //! 4. only if that keeps failing and the WAL reaches `4 × start_at` frames
 //!    does the writer itself run a RESTART checkpoint, waiting at most
 //!    [`RESTART_WAIT`] for readers; if they are still there it tries again
 //!    after another `start_at` frames. The WAL stays bounded, and the
 //!    writer never stalls for long.
 //!
-//! Invariants: checkpoints never touch durability (a commit is durable in
-//! the WAL before any of this runs); a failed or blocked checkpoint is
-//! logged and retried after a later commit, never fatal; the thread ends
-//! after its current round once the [`Checkpointer`] is dropped.
+//! Invariants: checkpoints never weaken durability (SQLite fsyncs the WAL
+//! before it copies frames back and the database before the WAL can start
+//! over, whatever the connection's `synchronous`); the writer and the
+//! thread never checkpoint at once (the writer does only while the thread
+//! is idle, and only it wakes the thread); a failed or blocked checkpoint
+//! is logged and retried after a later commit, never fatal; the thread
+//! ends after its current round once the [`Checkpointer`] is dropped.
 
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -55,14 +67,44 @@ fn wal_frames_hook(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlit
 /// The longest the writer waits for readers in its own RESTART checkpoint.
 pub const RESTART_WAIT: Duration = Duration::from_millis(100);
 
+/// Frames left after a background round that the writer copies back
+/// itself (4 KiB pages: 1 MiB), so that the WAL can start over.
+pub const CATCH_UP: i64 = 256;
+
+/// What the last background round left, for the writer's catch-up: set by
+/// the thread before it clears `busy`, read by the writer after seeing it
+/// clear.
+#[derive(Default)]
+struct LastRound {
+    /// The WAL generation the writer asked the round for (see
+    /// [`Checkpointer::generation`]).
+    asked: AtomicU64,
+    /// The generation the last finished round ran in.
+    ran: AtomicU64,
+    /// WAL frames that round found copied back when it ended.
+    copied: AtomicI64,
+}
+
 /// The writer thread's side of background checkpoints for one database.
 pub struct Checkpointer {
     name: &'static str,
+    /// WAL frames from which background rounds copy (`start_at / 8`).
+    copy_from: i64,
+    /// WAL frames from which the writer starts the WAL over.
     start_at: i64,
     /// WAL frames at which the writer runs a RESTART itself.
     restart_at: i64,
     busy: Arc<AtomicBool>,
     wake: mpsc::SyncSender<()>,
+    last: Arc<LastRound>,
+    /// Counts the WAL's restarts as the writer saw them (its frames after a
+    /// commit dropped), so a round's figures are never read against a WAL
+    /// that has started over since.
+    generation: u64,
+    /// Frames after the writer's last commit.
+    frames: i64,
+    /// RESTART checkpoints the writer ran (tests and the log).
+    restarts: u64,
 }
 
 /// Clears the busy flag when a round ends, even by a panic.
@@ -100,13 +142,26 @@ impl Checkpointer {
         let busy = Arc::new(AtomicBool::new(false));
         let (wake, woken) = mpsc::sync_channel::<()>(1);
         let done = busy.clone();
+        let last = Arc::new(LastRound::default());
+        let round = last.clone();
         std::thread::Builder::new()
             .name(format!("{name}-ckpt"))
             .spawn(move || {
                 while woken.recv().is_ok() {
                     let _round = RoundDone(done.clone());
-                    if let Err(e) = passive(&background) {
-                        log::warn!("{name}: background checkpoint failed (retried later): {e:#}");
+                    #[cfg(test)]
+                    std::thread::sleep(tests::round_delay());
+                    let generation = round.asked.load(Ordering::Acquire);
+                    match passive(&background) {
+                        Ok(copied) => {
+                            round.copied.store(copied, Ordering::Release);
+                            round.ran.store(generation, Ordering::Release);
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "{name}: background checkpoint failed (retried later): {e:#}"
+                            );
+                        }
                     }
                 }
             })
@@ -114,26 +169,55 @@ impl Checkpointer {
         let start_at = start_at.max(1);
         Ok(Checkpointer {
             name,
+            copy_from: (start_at / 8).max(1),
             start_at,
             restart_at: start_at.saturating_mul(4),
             busy,
             wake,
+            last,
+            // Round figures start at generation 0 with nothing copied:
+            // the first generation is 1.
+            generation: 1,
+            frames: 0,
+            restarts: 0,
         })
     }
 
-    /// After a commit on the writer connection: wakes the checkpointer
-    /// while the WAL is over the threshold (and it is idle), or, past four
-    /// times the threshold, checkpoints and restarts the WAL itself.
+    /// After a commit on the writer connection: while the WAL is over the
+    /// threshold and the checkpointer is idle, copies back the little its
+    /// last round left (so the WAL can start over) or wakes it for another
+    /// round; past four times the threshold, checkpoints and restarts the
+    /// WAL itself.
     pub fn after_commit(&mut self, writer: &Connection) {
         // Taken, so that a group that committed nothing acts on nothing.
         let frames = WAL_FRAMES.with(|c| c.replace(0));
+        if frames == 0 {
+            return;
+        }
+        if frames < self.frames {
+            self.generation += 1;
+        }
+        self.frames = frames;
+        if frames < self.copy_from || self.busy.load(Ordering::Acquire) {
+            return;
+        }
         if frames >= self.restart_at {
             self.restart(writer, frames);
             return;
         }
-        if frames < self.start_at || self.busy.load(Ordering::Acquire) {
+        let last_round_here = self.last.ran.load(Ordering::Acquire) == self.generation;
+        let left = frames - self.last.copied.load(Ordering::Acquire);
+        if frames >= self.start_at && last_round_here && left <= CATCH_UP {
+            match passive(writer) {
+                // Copied back whole: the next transaction starts the WAL
+                // over (unless a reader is still in it). Either way the
+                // next catch-up has only the next commit's frames to copy.
+                Ok(copied) => self.last.copied.store(copied, Ordering::Release),
+                Err(e) => log::warn!("{}: checkpoint failed (retried later): {e:#}", self.name),
+            }
             return;
         }
+        self.last.asked.store(self.generation, Ordering::Release);
         self.busy.store(true, Ordering::Release);
         if self.wake.try_send(()).is_err() {
             self.busy.store(false, Ordering::Release);
@@ -151,6 +235,7 @@ impl Checkpointer {
             writer.busy_timeout(crate::db::BUSY_TIMEOUT)?;
             Ok(blocked? != 0)
         })();
+        self.restarts += 1;
         match result {
             Ok(false) => {
                 self.restart_at = self.start_at.saturating_mul(4);
@@ -167,15 +252,30 @@ impl Checkpointer {
 }
 
 /// A PASSIVE checkpoint: copies back what no reader still needs, waiting
-/// for no one.
-fn passive(conn: &Connection) -> Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        .context("PRAGMA wal_checkpoint(PASSIVE)")
+/// for no one. Returns the WAL frames copied back once it ended (all of
+/// them, if it could).
+fn passive(conn: &Connection) -> Result<i64> {
+    let (busy, copied) = conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(2)?))
+        })
+        .context("PRAGMA wal_checkpoint(PASSIVE)")?;
+    // Busy: another connection was checkpointing (another process: the
+    // CLI); nothing is known of what is copied.
+    Ok(if busy != 0 { 0 } else { copied.max(0) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How long each background round sleeps before it checkpoints, in µs
+    /// (one value for every test: only one test sets it).
+    static ROUND_DELAY_US: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn round_delay() -> Duration {
+        Duration::from_micros(ROUND_DELAY_US.load(Ordering::Relaxed))
+    }
 
     fn wal_frames(path: &std::path::Path) -> u64 {
         // A WAL file is a 32-byte header and (24 + page) bytes per frame.
@@ -252,6 +352,45 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 2000);
+    }
+
+    /// Under steady load a background round never ends with the WAL
+    /// copied back whole (here each round takes 3 ms, while the writer
+    /// commits on without waiting for it): the writer copies back what the
+    /// last round left, and the WAL starts over, near its threshold,
+    /// without ever needing the writer's RESTART.
+    #[test]
+    fn under_steady_load_the_writer_catches_up_and_the_wal_starts_over() {
+        let mut f = Fixture::new(100);
+        let mut most = 0;
+        let mut restarted = 0;
+        let t = std::time::Instant::now();
+        let mut n = 0;
+        while n < 3_000 || t.elapsed() < Duration::from_millis(300) {
+            ROUND_DELAY_US.store(3_000, Ordering::Relaxed);
+            f.writer
+                .execute("INSERT INTO t VALUES (?1)", [&vec![7u8; 3000]])
+                .unwrap();
+            let frames = WAL_FRAMES.with(Cell::get);
+            if frames < f.ck.frames {
+                restarted += 1;
+            }
+            most = most.max(frames);
+            f.ck.after_commit(&f.writer);
+            n += 1;
+        }
+        ROUND_DELAY_US.store(0, Ordering::Relaxed);
+        assert_eq!(f.ck.restarts, 0, "the writer needed RESTART checkpoints");
+        assert!(
+            restarted >= 3,
+            "the WAL started over only {restarted} times"
+        );
+        assert!(most < 400, "the WAL reached {most} frames");
+        let count: i64 = f
+            .open()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, n);
     }
 
     #[test]
