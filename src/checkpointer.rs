@@ -38,7 +38,8 @@
 //!
 //! Invariants: checkpoints never weaken durability (SQLite fsyncs the WAL
 //! before it copies frames back and the database before the WAL can start
-//! over, whatever the connection's `synchronous`); the writer and the
+//! over, at `synchronous` NORMAL or FULL, which every connection here
+//! uses); the writer and the
 //! thread never checkpoint at once (the writer does only while the thread
 //! is idle, and only it wakes the thread); a failed or blocked checkpoint
 //! is logged and retried after a later commit, never fatal; the thread
@@ -103,7 +104,7 @@ pub struct Checkpointer {
     generation: u64,
     /// Frames after the writer's last commit.
     frames: i64,
-    /// RESTART checkpoints the writer ran (tests and the log).
+    /// RESTART checkpoints the writer ran (for tests).
     restarts: u64,
 }
 
@@ -128,8 +129,9 @@ impl std::fmt::Debug for Checkpointer {
 impl Checkpointer {
     /// Takes over checkpoints of `writer`'s database: turns its automatic
     /// checkpoint off and starts a thread that checkpoints through
-    /// `background` (a second connection to the same file) once the WAL
-    /// holds `start_at` frames. Call [`Checkpointer::after_commit`] from
+    /// `background` (a second connection to the same file) from an eighth
+    /// of `start_at` frames on, and starts the WAL over near `start_at`
+    /// frames (module docs). Call [`Checkpointer::after_commit`] from
     /// the thread that owns `writer`, after each of its commits.
     pub fn start(
         name: &'static str,
@@ -195,7 +197,9 @@ impl Checkpointer {
             return;
         }
         if frames < self.frames {
+            // The WAL started over: a raised RESTART mark is spent too.
             self.generation += 1;
+            self.restart_at = self.start_at.saturating_mul(4);
         }
         self.frames = frames;
         if frames < self.copy_from || self.busy.load(Ordering::Acquire) {
@@ -355,19 +359,16 @@ mod tests {
     }
 
     /// Under steady load a background round never ends with the WAL
-    /// copied back whole (here each round takes 3 ms, while the writer
-    /// commits on without waiting for it): the writer copies back what the
-    /// last round left, and the WAL starts over, near its threshold,
-    /// without ever needing the writer's RESTART.
+    /// copied back whole (here each round takes 3 ms or more, while the
+    /// writer commits on without waiting for it): the writer copies back
+    /// the little the last round left, and the WAL starts over near its
+    /// threshold, without ever needing the writer's RESTART.
     #[test]
     fn under_steady_load_the_writer_catches_up_and_the_wal_starts_over() {
-        let mut f = Fixture::new(100);
-        let mut most = 0;
-        let mut restarted = 0;
-        let t = std::time::Instant::now();
-        let mut n = 0;
-        while n < 3_000 || t.elapsed() < Duration::from_millis(300) {
-            ROUND_DELAY_US.store(3_000, Ordering::Relaxed);
+        let mut f = Fixture::new(1_000);
+        ROUND_DELAY_US.store(3_000, Ordering::Relaxed);
+        let (mut most, mut restarted, mut n) = (0, 0, 0);
+        while restarted < 3 && n < 20_000 {
             f.writer
                 .execute("INSERT INTO t VALUES (?1)", [&vec![7u8; 3000]])
                 .unwrap();
@@ -383,9 +384,9 @@ mod tests {
         assert_eq!(f.ck.restarts, 0, "the writer needed RESTART checkpoints");
         assert!(
             restarted >= 3,
-            "the WAL started over only {restarted} times"
+            "the WAL started over {restarted} times in {n} commits"
         );
-        assert!(most < 400, "the WAL reached {most} frames");
+        assert!(most < 2_000, "the WAL reached {most} frames");
         let count: i64 = f
             .open()
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))

@@ -45,8 +45,9 @@
 //!   descriptor (the checkpointer's, a sync pull's) saw it first, while a
 //!   descriptor opened later would never hear of it;
 //! - WAL checkpoints run off this thread (`crate::checkpointer`), but for
-//!   a RESTART of at most 100 ms if the WAL outgrows four times its
-//!   threshold;
+//!   the last few hundred pages before the WAL starts over (after the
+//!   callers were answered) and a RESTART of at most 100 ms if the WAL
+//!   outgrows four times its threshold;
 //! - a full disk is told apart ([`WriteError::DiskFull`]): nothing of the
 //!   group is stored, and the caller can say "retry later" rather than
 //!   report a fault;
