@@ -39,11 +39,11 @@
 //! Invariants: checkpoints never weaken durability (SQLite fsyncs the WAL
 //! before it copies frames back and the database before the WAL can start
 //! over, at `synchronous` NORMAL or FULL, which every connection here
-//! uses); the writer and the
-//! thread never checkpoint at once (the writer does only while the thread
-//! is idle, and only it wakes the thread); a failed or blocked checkpoint
-//! is logged and retried after a later commit, never fatal; the thread
-//! ends after its current round once the [`Checkpointer`] is dropped.
+//! uses); the writer and the thread never checkpoint at once (the writer
+//! does only while the thread is idle, and only it wakes the thread); a
+//! failed or blocked checkpoint is logged and retried after a later
+//! commit, never fatal; the thread ends after its current round once the
+//! [`Checkpointer`] is dropped.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -264,8 +264,9 @@ fn passive(conn: &Connection) -> Result<i64> {
             Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(2)?))
         })
         .context("PRAGMA wal_checkpoint(PASSIVE)")?;
-    // Busy: another connection was checkpointing (another process: the
-    // CLI); nothing is known of what is copied.
+    // Busy: another connection was checkpointing (the CLI in another
+    // process, or a sync pull's automatic checkpoint); nothing is known
+    // of what is copied.
     Ok(if busy != 0 { 0 } else { copied.max(0) })
 }
 
