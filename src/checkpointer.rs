@@ -84,6 +84,10 @@ struct LastRound {
     ran: AtomicU64,
     /// WAL frames that round found copied back when it ended.
     copied: AtomicI64,
+    /// Tests only: how long each of this checkpointer's rounds sleeps
+    /// before it checkpoints, in µs (a slow round under load).
+    #[cfg(test)]
+    delay_us: AtomicU64,
 }
 
 /// The writer thread's side of background checkpoints for one database.
@@ -152,7 +156,9 @@ impl Checkpointer {
                 while woken.recv().is_ok() {
                     let _round = RoundDone(done.clone());
                     #[cfg(test)]
-                    std::thread::sleep(tests::round_delay());
+                    std::thread::sleep(Duration::from_micros(
+                        round.delay_us.load(Ordering::Relaxed),
+                    ));
                     let generation = round.asked.load(Ordering::Acquire);
                     match passive(&background) {
                         Ok(copied) => {
@@ -274,14 +280,6 @@ fn passive(conn: &Connection) -> Result<i64> {
 mod tests {
     use super::*;
 
-    /// How long each background round sleeps before it checkpoints, in µs
-    /// (one value for every test: only one test sets it).
-    static ROUND_DELAY_US: AtomicU64 = AtomicU64::new(0);
-
-    pub(super) fn round_delay() -> Duration {
-        Duration::from_micros(ROUND_DELAY_US.load(Ordering::Relaxed))
-    }
-
     fn wal_frames(path: &std::path::Path) -> u64 {
         // A WAL file is a 32-byte header and (24 + page) bytes per frame.
         std::fs::metadata(path.with_extension("db-wal"))
@@ -367,7 +365,7 @@ mod tests {
     #[test]
     fn under_steady_load_the_writer_catches_up_and_the_wal_starts_over() {
         let mut f = Fixture::new(1_000);
-        ROUND_DELAY_US.store(3_000, Ordering::Relaxed);
+        f.ck.last.delay_us.store(3_000, Ordering::Relaxed);
         let (mut most, mut restarted, mut n) = (0, 0, 0);
         while restarted < 3 && n < 20_000 {
             f.writer
@@ -381,7 +379,6 @@ mod tests {
             f.ck.after_commit(&f.writer);
             n += 1;
         }
-        ROUND_DELAY_US.store(0, Ordering::Relaxed);
         assert_eq!(f.ck.restarts, 0, "the writer needed RESTART checkpoints");
         assert!(
             restarted >= 3,
