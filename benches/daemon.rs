@@ -22,6 +22,15 @@
 //!    followed by an fsync, in the bench's temp dir, as the ingest's group
 //!    commit does. Every device answer waits for one fsync, so a machine
 //!    whose own fsyncs stall shows those stalls in the ingest's p99.
+//! 5. The CPU itself: every 100 ms, before and all through the open loop, a
+//!    thread of this process times a fixed piece of arithmetic in its own
+//!    CPU time ([`SpeedProbe`]). On a virtual machine the host can run the
+//!    guest's CPUs slower for seconds at a time (another guest on the same
+//!    cores), which the guest's own CPU accounting does not show (steal
+//!    stays 0 here). The probe's speed, relative to the fastest it saw,
+//!    tells a run on a slowed host from a slower daemon; how late the
+//!    probe wakes from 5 ms sleeps at real-time priority tells a stall of
+//!    the whole guest from one of the daemon.
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
@@ -209,6 +218,8 @@ struct Outcome {
     not_scored: u64,
     sent: u64,
     secs: f64,
+    /// The run's clock: second 0 starts here.
+    start: Instant,
 }
 
 impl Outcome {
@@ -219,6 +230,7 @@ impl Outcome {
             not_scored: 0,
             sent: 0,
             secs: secs as f64,
+            start: Instant::now(),
         }
     }
 }
@@ -297,6 +309,7 @@ fn open_loop(d: &Daemon, token: &str, devices: usize, secs: u64) -> (Outcome, [C
     // The rate achieved: all requests over the time they actually took (a
     // server that falls behind takes longer than the schedule).
     o.secs = start.elapsed().as_secs_f64();
+    o.start = start;
     (o, [cpu_start, cpu_end])
 }
 
@@ -438,7 +451,9 @@ fn report_stages(before: &str, after: &str) {
     println!("  inside the daemon (/metrics): {}", parts.join("; "));
 }
 
-fn report(what: &str, o: Outcome) {
+/// `machine`: what the speed probe saw, by second of the run (empty when
+/// it did not run).
+fn report(what: &str, o: Outcome, machine: &std::collections::BTreeMap<u64, Machine>) {
     let rate = o.sent as f64 / o.secs;
     let mut all: Vec<f64> = o.lat.iter().map(|(_, ms)| *ms).collect();
     println!(
@@ -456,6 +471,7 @@ fn report(what: &str, o: Outcome) {
     for (sec, ms) in o.lat {
         by_second.entry(sec).or_default().push(ms);
     }
+    report_machine_seconds(&by_second, machine);
     // The p99 of each full second (the last, partial one left out): less
     // swayed by one stall than the whole run's p99, so runs compare better
     // side by side; and how many seconds met 10 ms.
@@ -478,8 +494,18 @@ fn report(what: &str, o: Outcome) {
     // tell a stall (one bad second) from a steady queue (every second).
     if std::env::var_os("BENCH_TIMELINE").is_some() {
         for (sec, mut v) in by_second {
+            let cpu = machine
+                .get(&sec)
+                .map(|m| {
+                    format!(
+                        ", CPU speed {:3.0} %, probe late {:5.1} ms",
+                        m.speed * 100.0,
+                        m.late_ms
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "  second {sec:3}: {:5} requests, p50 {:7.2} ms, p99 {:7.2} ms, max {:7.2} ms",
+                "  second {sec:3}: {:5} requests, p50 {:7.2} ms, p99 {:7.2} ms, max {:7.2} ms{cpu}",
                 v.len(),
                 pct(&mut v, 0.5),
                 pct(&mut v, 0.99),
@@ -487,6 +513,52 @@ fn report(what: &str, o: Outcome) {
             );
         }
     }
+}
+
+/// The CPU speed and the machine's own stalls over the run, and the
+/// latency of the seconds in which the host ran this guest at 90 % or
+/// more of the probe's fastest and the probe never woke over 20 ms late:
+/// beside the whole run's figures, not instead of them.
+fn report_machine_seconds(
+    by_second: &std::collections::BTreeMap<u64, Vec<f64>>,
+    machine: &std::collections::BTreeMap<u64, Machine>,
+) {
+    let full = by_second.len().saturating_sub(1) as u64;
+    let seen: Vec<Machine> = (0..full).filter_map(|s| machine.get(&s).copied()).collect();
+    if seen.is_empty() {
+        return;
+    }
+    let mut shares: Vec<f64> = seen.iter().map(|m| m.speed).collect();
+    let stalls: Vec<f64> = seen
+        .iter()
+        .map(|m| m.late_ms)
+        .filter(|ms| *ms > 20.0)
+        .collect();
+    let clear: Vec<u64> = (0..full)
+        .filter(|s| {
+            machine
+                .get(s)
+                .is_some_and(|m| m.speed >= 0.9 && m.late_ms <= 20.0)
+        })
+        .collect();
+    let mut lat: Vec<f64> = clear
+        .iter()
+        .flat_map(|s| by_second[s].iter().copied())
+        .collect();
+    let clear_p99 = if lat.is_empty() {
+        "none".to_owned()
+    } else {
+        format!("p99 {:.2} ms", pct(&mut lat, 0.99))
+    };
+    println!(
+        "  the machine by second (speed probe): CPU speed median {:.0} %, p10 {:.0} %, slowest {:.0} % of the fastest; {} seconds in which the probe woke over 20 ms late (longest {:.0} ms); {} of {full} seconds at 90 % speed or more and without such a stall, their requests: {clear_p99}",
+        pct(&mut shares, 0.5) * 100.0,
+        pct(&mut shares, 0.1) * 100.0,
+        pct(&mut shares, 0.0) * 100.0,
+        stalls.len(),
+        stalls.iter().copied().fold(0.0, f64::max),
+        clear.len(),
+    );
 }
 
 fn start_to_ready(runs: usize) {
@@ -569,6 +641,185 @@ fn fsync_probe(secs: u64) {
         pct(&mut lat, 0.999),
         pct(&mut lat, 1.0)
     );
+}
+
+/// Times a fixed piece of arithmetic every 100 ms in the thread's own CPU
+/// time, until dropped: how fast the host runs this guest's CPUs, second
+/// by second. The piece takes about 35 µs, so the probe costs 0.04 % of
+/// one CPU; in CPU time, the probe's own waits for a CPU do not count.
+/// It works in registers only. Beside it the thread walks 4,000 links of
+/// a random cycle through 8 MiB (about 0.5–2 ms): that follows how busy
+/// the host keeps the caches and memory that its guests share, but under
+/// load also the daemon's own use of them, so it is reported only for the
+/// idle spells before and after the run.
+///
+/// Between pieces the thread sleeps 5 ms at a time (200 wake-ups a
+/// second, a few ms of CPU), at real-time priority
+/// (`chrt -f 50`, when allowed), and notes how late it wakes: a thread
+/// that no other in this guest can keep from its CPU wakes late only
+/// when the whole guest stopped running (the host paused it) or the kernel
+/// held the CPU. So a stall in the run's latencies can be told apart from
+/// one of the machine.
+struct SpeedProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Probed>>,
+    /// Whether the thread got its real-time priority.
+    realtime: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the probe saw: each piece (when it ended, the CPU ns it took),
+/// each memory walk (when, CPU ns per link), and each 5 ms sleep that
+/// woke more than 2 ms late (when, ms late).
+#[derive(Default)]
+struct Probed {
+    pieces: Vec<(Instant, f64)>,
+    walks: Vec<(Instant, f64)>,
+    late: Vec<(Instant, f64)>,
+}
+
+impl Probed {
+    /// The fastest piece's CPU ns.
+    fn fastest(&self) -> f64 {
+        self.pieces
+            .iter()
+            .map(|(_, ns)| *ns)
+            .fold(f64::MAX, f64::min)
+    }
+
+    /// The median piece (µs) and walk (ns per link) between `from` and `to`.
+    fn idle(&self, from: Instant, to: Instant) -> Option<(f64, f64)> {
+        let within = |v: &[(Instant, f64)]| -> Vec<f64> {
+            v.iter()
+                .filter(|(at, _)| *at >= from && *at < to)
+                .map(|(_, x)| *x)
+                .collect()
+        };
+        let (mut p, mut w) = (within(&self.pieces), within(&self.walks));
+        (!p.is_empty() && !w.is_empty()).then(|| (pct(&mut p, 0.5) / 1e3, pct(&mut w, 0.5)))
+    }
+}
+
+impl SpeedProbe {
+    fn start() -> SpeedProbe {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let realtime = Arc::new(AtomicBool::new(false));
+        let (halt, rt) = (stop.clone(), realtime.clone());
+        let thread = std::thread::spawn(move || {
+            let tid = rustix::thread::gettid().as_raw_nonzero().get().to_string();
+            let raised = std::process::Command::new("chrt")
+                .args(["-f", "-p", "50", &tid])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            rt.store(raised, Ordering::Relaxed);
+            let cpu_ns = || {
+                let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+                t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
+            };
+            // One random cycle through 8 MiB (Sattolo's shuffle).
+            let mut ring: Vec<u32> = (0..(2u32 << 20)).collect();
+            for i in (1..ring.len()).rev() {
+                ring.swap(i, fastrand::usize(..i));
+            }
+            let mut link = 0u32;
+            let mut out = Probed::default();
+            let mut next = Instant::now();
+            let mut tick = 0u64;
+            while !halt.load(Ordering::Relaxed) {
+                if tick.is_multiple_of(20) {
+                    let before = cpu_ns();
+                    let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15u64);
+                    for _ in 0..20_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                    }
+                    std::hint::black_box(x);
+                    out.pieces.push((Instant::now(), cpu_ns() - before));
+                    let before = cpu_ns();
+                    for _ in 0..4_000 {
+                        link = ring[link as usize];
+                    }
+                    std::hint::black_box(link);
+                    out.walks.push((Instant::now(), (cpu_ns() - before) / 4e3));
+                }
+                tick += 1;
+                next += Duration::from_millis(5);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                let now = Instant::now();
+                let late = now.saturating_duration_since(next).as_secs_f64() * 1e3;
+                if late > 2.0 {
+                    out.late.push((now, late));
+                    next = now;
+                }
+            }
+            out
+        });
+        SpeedProbe {
+            stop,
+            thread: Some(thread),
+            realtime,
+        }
+    }
+
+    fn finish(mut self) -> (Probed, bool) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let probed = self
+            .thread
+            .take()
+            .map(|t| t.join().expect("speed probe"))
+            .unwrap_or_default();
+        (
+            probed,
+            self.realtime.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for SpeedProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What the probe saw in one second of the run.
+#[derive(Clone, Copy, Default)]
+struct Machine {
+    /// The probe's speed: the median piece's share of the fastest.
+    speed: f64,
+    /// The longest the probe woke late (ms; 0 when never over 2 ms).
+    late_ms: f64,
+}
+
+/// The probe's readings by second of a run that started at `start`.
+fn machine_by_second(p: &Probed, start: Instant) -> std::collections::BTreeMap<u64, Machine> {
+    let fastest = p.fastest();
+    let mut speeds = std::collections::BTreeMap::<u64, Vec<f64>>::new();
+    for (at, ns) in p.pieces.iter().filter(|(at, _)| *at >= start) {
+        speeds
+            .entry((*at - start).as_secs())
+            .or_default()
+            .push(fastest / ns);
+    }
+    let mut out: std::collections::BTreeMap<u64, Machine> = speeds
+        .into_iter()
+        .map(|(s, mut v)| {
+            let speed = pct(&mut v, 0.5);
+            (
+                s,
+                Machine {
+                    speed,
+                    late_ms: 0.0,
+                },
+            )
+        })
+        .collect();
+    for (at, ms) in p.late.iter().filter(|(at, _)| *at >= start) {
+        let m = out.entry((*at - start).as_secs()).or_default();
+        m.late_ms = m.late_ms.max(*ms);
+    }
+    out
 }
 
 /// One clock tick of `/proc` CPU times, in ms (USER_HZ, 100 on Linux).
@@ -752,7 +1003,31 @@ fn main() {
     let admin = token(&b, "bench-admin", "admin", "clinic-a", &[]);
     let scrape = || d.get("/metrics", Some(&admin), &[]).text();
     let metrics_before = scrape();
+    // The probe's idle baseline: 2 s with the daemon up and nothing sent.
+    let probe = SpeedProbe::start();
+    let probe_start = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
     let (o, [before, after]) = open_loop(&d, &device, devices, secs);
+    // And 2 s idle after it.
+    std::thread::sleep(Duration::from_secs(2));
+    let (probed, realtime) = probe.finish();
+    let machine = machine_by_second(&probed, o.start);
+    let idle = |from, to| {
+        probed
+            .idle(from, to)
+            .map(|(us, ns)| format!("piece {us:.1} µs, memory {ns:.0} ns per link"))
+            .unwrap_or_else(|| "no readings".into())
+    };
+    println!(
+        "speed probe, daemon idle: before the run {}; after it {}; real-time priority: {}",
+        idle(probe_start, o.start),
+        idle(o.start + Duration::from_secs_f64(o.secs), Instant::now()),
+        if realtime {
+            "yes"
+        } else {
+            "no (its wake-ups also wait for a CPU)"
+        }
+    );
     let metrics_after = scrape();
     let sent = o.sent;
     report(
@@ -761,6 +1036,7 @@ fn main() {
             devices * 10
         ),
         o,
+        &machine,
     );
     report_stages(&metrics_before, &metrics_after);
     report_cpu(&before.daemon, &after.daemon, sent);
@@ -775,6 +1051,7 @@ fn main() {
     report(
         &format!("ingest, closed loop, {conns} connections back to back"),
         closed_loop(&d, &device, conns, devices, 15),
+        &Default::default(),
     );
     let (status, _) = d.stop();
     assert!(status.success());
