@@ -32,11 +32,10 @@ pub fn system_now() -> Result<OffsetDateTime> {
 /// and persists the high-water mark in `audit` (table `clock`).
 pub fn trusted_now(audit: &Connection) -> Result<OffsetDateTime> {
     let sys = system_now()?;
+    // On every audit batch: cached statements, not a parse each time.
     let stored: Option<i64> = audit
-        .query_row("SELECT high_water FROM clock WHERE id = 1", [], |r| {
-            r.get(0)
-        })
-        .optional()
+        .prepare_cached("SELECT high_water FROM clock WHERE id = 1")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
         .context("cannot read the trusted clock from audit.db")?;
     let sys_secs = sys.unix_timestamp();
     match stored {
@@ -51,11 +50,11 @@ pub fn trusted_now(audit: &Connection) -> Result<OffsetDateTime> {
         }
         _ => {
             audit
-                .execute(
+                .prepare_cached(
                     "INSERT INTO clock(id, high_water) VALUES (1, ?1)
                      ON CONFLICT(id) DO UPDATE SET high_water = max(high_water, excluded.high_water)",
-                    params![sys_secs],
                 )
+                .and_then(|mut s| s.execute(params![sys_secs]))
                 .context("cannot advance the trusted clock in audit.db")?;
             Ok(sys)
         }

@@ -123,19 +123,24 @@ pub fn sign(
 
 /// The newest checkpoint, if any.
 pub fn latest(conn: &Connection) -> Result<Option<Checkpoint>> {
-    Ok(all_where(conn, "ORDER BY size DESC LIMIT 1")?.pop())
+    // On every audit batch (`maybe_sign`): a cached statement, not a parse.
+    Ok(all_where(conn, "ORDER BY size DESC LIMIT 1", [])?.pop())
 }
 
 /// Every checkpoint, oldest first.
 pub fn all(conn: &Connection) -> Result<Vec<Checkpoint>> {
-    all_where(conn, "ORDER BY size")
+    all_where(conn, "ORDER BY size", [])
 }
 
-fn all_where(conn: &Connection, tail: &str) -> Result<Vec<Checkpoint>> {
-    let mut stmt = conn.prepare(&format!(
+fn all_where(
+    conn: &Connection,
+    tail: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<Checkpoint>> {
+    let mut stmt = conn.prepare_cached(&format!(
         "SELECT size, root, time, key_id, sig FROM checkpoints {tail}"
     ))?;
-    let rows = stmt.query_map([], |r| {
+    let rows = stmt.query_map(args, |r| {
         Ok(Checkpoint {
             size: r.get(0)?,
             root: hex::encode(r.get::<_, Vec<u8>>(1)?),
@@ -149,7 +154,7 @@ fn all_where(conn: &Connection, tail: &str) -> Result<Vec<Checkpoint>> {
 
 /// The checkpoint at exactly `size`, if one was signed.
 pub fn at(conn: &Connection, size: i64) -> Result<Option<Checkpoint>> {
-    Ok(all_where(conn, &format!("WHERE size = {size}"))?.pop())
+    Ok(all_where(conn, "WHERE size = ?1", [size])?.pop())
 }
 
 /// Keeps `c` as an anchor in `state.db` (`source`: `upstream` when upstream
