@@ -650,8 +650,9 @@ fn fsync_probe(secs: u64) {
 /// It works in registers only. Beside it the thread walks 4,000 links of
 /// a random cycle through 8 MiB (about 0.5–2 ms): that follows how busy
 /// the host keeps the caches and memory that its guests share, but under
-/// load also the daemon's own use of them, so it is reported only for the
-/// idle spells before and after the run.
+/// load also the daemon's own use of them: its figure during a run compares
+/// only with other runs at the same rate; the idle spells before and after
+/// the run are reported beside it.
 ///
 /// Between pieces the thread sleeps 5 ms at a time (200 wake-ups a
 /// second, a few ms of CPU), at real-time priority
@@ -1018,10 +1019,12 @@ fn main() {
             .map(|(us, ns)| format!("piece {us:.1} µs, memory {ns:.0} ns per link"))
             .unwrap_or_else(|| "no readings".into())
     };
+    let end = o.start + Duration::from_secs_f64(o.secs);
     println!(
-        "speed probe, daemon idle: before the run {}; after it {}; real-time priority: {}",
+        "speed probe, daemon idle: before the run {}; after it {}; during the run (the daemon's own load on the caches included, the same in every run at one rate) {}; real-time priority: {}",
         idle(probe_start, o.start),
-        idle(o.start + Duration::from_secs_f64(o.secs), Instant::now()),
+        idle(end, Instant::now()),
+        idle(o.start, end),
         if realtime {
             "yes"
         } else {
