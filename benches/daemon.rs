@@ -22,14 +22,14 @@
 //!    followed by an fsync, in the bench's temp dir, as the ingest's group
 //!    commit does. Every device answer waits for one fsync, so a machine
 //!    whose own fsyncs stall shows those stalls in the ingest's p99.
-//! 5. The CPU itself: every 100 ms, before and all through the open loop, a
-//!    thread of this process times a fixed piece of arithmetic in its own
-//!    CPU time ([`SpeedProbe`]). On a virtual machine the host can run the
+//! 5. The CPU itself: every 100 ms, before, all through and after the open
+//!    loop, a thread of this process times a fixed piece of arithmetic in
+//!    its own CPU time ([`SpeedProbe`]). On a virtual machine the host can run the
 //!    guest's CPUs slower for seconds at a time (another guest on the same
 //!    cores), which the guest's own CPU accounting does not show (steal
 //!    stays 0 here). The probe's speed, relative to the fastest it saw,
-//!    tells a run on a slowed host from a slower daemon; how late the
-//!    probe wakes from 5 ms sleeps at real-time priority tells a stall of
+//!    tells a run on a slowed host from a slower daemon; how late another
+//!    thread wakes from 5 ms sleeps at real-time priority tells a stall of
 //!    the whole guest from one of the daemon.
 
 use std::os::unix::net::UnixDatagram;
@@ -643,39 +643,42 @@ fn fsync_probe(secs: u64) {
     );
 }
 
-/// Times a fixed piece of arithmetic every 100 ms in the thread's own CPU
-/// time, until dropped: how fast the host runs this guest's CPUs, second
-/// by second. The piece takes about 35 µs, so the probe costs 0.04 % of
-/// one CPU; in CPU time, the probe's own waits for a CPU do not count.
-/// It works in registers only. Beside it the thread walks 4,000 links of
-/// a random cycle through 8 MiB (about 0.5–2 ms): that follows how busy
-/// the host keeps the caches and memory that its guests share, but under
-/// load also the daemon's own use of them: its figure during a run compares
-/// only with other runs at the same rate; the idle spells before and after
-/// the run are reported beside it.
+/// Times a fixed piece of arithmetic every 100 ms in its thread's own CPU
+/// time, until finished: how fast the host runs this guest's CPUs, second
+/// by second. The piece takes about 35 µs; in CPU time, the probe's own
+/// waits for a CPU do not count. It works in registers only. After it the
+/// thread walks 4,000 links of a random cycle through 8 MiB (about 1 ms):
+/// that follows how busy the host keeps the caches and memory that its
+/// guests share, but under load also the daemon's own use of them, so its
+/// figure during a run compares only with other runs at the same rate; the
+/// idle spells before and after the run are reported beside it. About 1 %
+/// of one CPU, at normal priority.
 ///
-/// Between pieces the thread sleeps 5 ms at a time (200 wake-ups a
-/// second, a few ms of CPU), at real-time priority
-/// (`chrt -f 50`, when allowed), and notes how late it wakes: a thread
-/// that no other in this guest can keep from its CPU wakes late only
-/// when the whole guest stopped running (the host paused it) or the kernel
-/// held the CPU. So a stall in the run's latencies can be told apart from
-/// one of the machine.
+/// A second thread sleeps 5 ms at a time, at real-time priority (`chrt -f
+/// 50`, when allowed), and notes how late it wakes: a thread that no other
+/// in this guest can keep from its CPU wakes late only when the whole
+/// guest stopped running (the host paused it) or the kernel held the CPU.
+/// So a stall in the run's latencies can be told apart from one of the
+/// machine. It does nothing else at that priority (200 wake-ups a second).
 struct SpeedProbe {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Probed>>,
-    /// Whether the thread got its real-time priority.
-    realtime: Arc<std::sync::atomic::AtomicBool>,
+    /// The pieces and the walks.
+    pieces: std::thread::JoinHandle<(Timed, Timed)>,
+    /// Late wake-ups, and whether the thread got its real-time priority.
+    watch: std::thread::JoinHandle<(Timed, bool)>,
 }
+
+/// Readings, each with when it was taken.
+type Timed = Vec<(Instant, f64)>;
 
 /// What the probe saw: each piece (when it ended, the CPU ns it took),
 /// each memory walk (when, CPU ns per link), and each 5 ms sleep that
 /// woke more than 2 ms late (when, ms late).
 #[derive(Default)]
 struct Probed {
-    pieces: Vec<(Instant, f64)>,
-    walks: Vec<(Instant, f64)>,
-    late: Vec<(Instant, f64)>,
+    pieces: Timed,
+    walks: Timed,
+    late: Timed,
 }
 
 impl Probed {
@@ -704,16 +707,8 @@ impl SpeedProbe {
     fn start() -> SpeedProbe {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
-        let realtime = Arc::new(AtomicBool::new(false));
-        let (halt, rt) = (stop.clone(), realtime.clone());
-        let thread = std::thread::spawn(move || {
-            let tid = rustix::thread::gettid().as_raw_nonzero().get().to_string();
-            let raised = std::process::Command::new("chrt")
-                .args(["-f", "-p", "50", &tid])
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            rt.store(raised, Ordering::Relaxed);
+        let halt = stop.clone();
+        let pieces = std::thread::spawn(move || {
             let cpu_ns = || {
                 let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
                 t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
@@ -723,64 +718,72 @@ impl SpeedProbe {
             for i in (1..ring.len()).rev() {
                 ring.swap(i, fastrand::usize(..i));
             }
-            let mut link = 0u32;
-            let mut out = Probed::default();
+            let (mut link, mut done, mut walks) = (0u32, Vec::new(), Vec::new());
             let mut next = Instant::now();
-            let mut tick = 0u64;
             while !halt.load(Ordering::Relaxed) {
-                if tick.is_multiple_of(20) {
-                    let before = cpu_ns();
-                    let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15u64);
-                    for _ in 0..20_000 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                    }
-                    std::hint::black_box(x);
-                    out.pieces.push((Instant::now(), cpu_ns() - before));
-                    let before = cpu_ns();
-                    for _ in 0..4_000 {
-                        link = ring[link as usize];
-                    }
-                    std::hint::black_box(link);
-                    out.walks.push((Instant::now(), (cpu_ns() - before) / 4e3));
+                let before = cpu_ns();
+                let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15u64);
+                for _ in 0..20_000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
                 }
-                tick += 1;
+                std::hint::black_box(x);
+                done.push((Instant::now(), cpu_ns() - before));
+                let before = cpu_ns();
+                for _ in 0..4_000 {
+                    link = ring[link as usize];
+                }
+                std::hint::black_box(link);
+                walks.push((Instant::now(), (cpu_ns() - before) / 4e3));
+                next += Duration::from_millis(100);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            (done, walks)
+        });
+        let halt = stop.clone();
+        let watch = std::thread::spawn(move || {
+            let tid = rustix::thread::gettid().as_raw_nonzero().get().to_string();
+            let realtime = std::process::Command::new("chrt")
+                .args(["-f", "-p", "50", &tid])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            let mut late = Vec::new();
+            let mut next = Instant::now();
+            while !halt.load(Ordering::Relaxed) {
                 next += Duration::from_millis(5);
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 let now = Instant::now();
-                let late = now.saturating_duration_since(next).as_secs_f64() * 1e3;
-                if late > 2.0 {
-                    out.late.push((now, late));
+                let ms = now.saturating_duration_since(next).as_secs_f64() * 1e3;
+                if ms > 2.0 {
+                    late.push((now, ms));
                     next = now;
                 }
             }
-            out
+            (late, realtime)
         });
         SpeedProbe {
             stop,
-            thread: Some(thread),
-            realtime,
+            pieces,
+            watch,
         }
     }
 
-    fn finish(mut self) -> (Probed, bool) {
+    /// Stops both threads; what they saw, and whether the watch got its
+    /// real-time priority.
+    fn finish(self) -> (Probed, bool) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let probed = self
-            .thread
-            .take()
-            .map(|t| t.join().expect("speed probe"))
-            .unwrap_or_default();
+        let (pieces, walks) = self.pieces.join().expect("speed probe");
+        let (late, realtime) = self.watch.join().expect("stall watch");
         (
-            probed,
-            self.realtime.load(std::sync::atomic::Ordering::Relaxed),
+            Probed {
+                pieces,
+                walks,
+                late,
+            },
+            realtime,
         )
-    }
-}
-
-impl Drop for SpeedProbe {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
