@@ -24,10 +24,10 @@
 //!    whose own fsyncs stall shows those stalls in the ingest's p99.
 //! 5. The CPU itself: every 100 ms, before, all through and after the open
 //!    loop, a thread of this process times a fixed piece of arithmetic in
-//!    its own CPU time ([`SpeedProbe`]). On a virtual machine the host can run the
-//!    guest's CPUs slower for seconds at a time (another guest on the same
-//!    cores), which the guest's own CPU accounting does not show (steal
-//!    stays 0 here). The probe's speed, relative to the fastest it saw,
+//!    its own CPU time ([`SpeedProbe`]). On a virtual machine the host can
+//!    run the guest's CPUs slower for seconds at a time (another guest on
+//!    the same cores), which the guest's own CPU accounting does not show
+//!    (steal stays 0 here). The probe's speed, relative to the fastest it saw,
 //!    tells a run on a slowed host from a slower daemon; how late another
 //!    thread wakes from 5 ms sleeps at real-time priority tells a stall of
 //!    the whole guest from one of the daemon.
