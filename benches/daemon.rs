@@ -497,11 +497,11 @@ fn report(what: &str, o: Outcome, machine: &std::collections::BTreeMap<u64, Mach
             let cpu = machine
                 .get(&sec)
                 .map(|m| {
-                    format!(
-                        ", CPU speed {:3.0} %, probe late {:5.1} ms",
-                        m.speed * 100.0,
-                        m.late_ms
-                    )
+                    let speed = m
+                        .speed
+                        .map(|v| format!("{:3.0} %", v * 100.0))
+                        .unwrap_or_else(|| "  n/a".into());
+                    format!(", CPU speed {speed}, probe late {:5.1} ms", m.late_ms)
                 })
                 .unwrap_or_default();
             println!(
@@ -528,7 +528,10 @@ fn report_machine_seconds(
     if seen.is_empty() {
         return;
     }
-    let mut shares: Vec<f64> = seen.iter().map(|m| m.speed).collect();
+    let mut shares: Vec<f64> = seen.iter().filter_map(|m| m.speed).collect();
+    if shares.is_empty() {
+        return;
+    }
     let stalls: Vec<f64> = seen
         .iter()
         .map(|m| m.late_ms)
@@ -538,7 +541,7 @@ fn report_machine_seconds(
         .filter(|s| {
             machine
                 .get(s)
-                .is_some_and(|m| m.speed >= 0.9 && m.late_ms <= 20.0)
+                .is_some_and(|m| m.speed.is_some_and(|v| v >= 0.9) && m.late_ms <= 20.0)
         })
         .collect();
     let mut lat: Vec<f64> = clear
@@ -645,27 +648,30 @@ fn fsync_probe(secs: u64) {
 
 /// Times a fixed piece of arithmetic every 100 ms in its thread's own CPU
 /// time, until finished: how fast the host runs this guest's CPUs, second
-/// by second. The piece takes about 35 µs; in CPU time, the probe's own
-/// waits for a CPU do not count. It works in registers only. After it the
-/// thread walks 4,000 links of a random cycle through 8 MiB (about 1 ms):
-/// that follows how busy the host keeps the caches and memory that its
-/// guests share, but under load also the daemon's own use of them, so its
-/// figure during a run compares only with other runs at the same rate; the
-/// idle spells before and after the run are reported beside it. About 1 %
-/// of one CPU, at normal priority.
+/// by second. The piece takes about 35 µs and works in registers only.
+/// Its thread runs at real-time priority (`chrt -f 50`, when allowed), so
+/// no thread of the guest preempts it mid-piece (at normal priority, the
+/// switches charged to the piece read as a slower CPU under load). Between
+/// pieces the same thread sleeps 5 ms at a time and notes how late it
+/// wakes: a thread that no other in this guest can keep from its CPU wakes
+/// late only when the whole guest stopped running (the host paused it) or
+/// the kernel held the CPU, so a stall in the run's latencies can be told
+/// apart from one of the machine. At that priority it does nothing else
+/// (200 wake-ups a second).
 ///
-/// A second thread sleeps 5 ms at a time, at real-time priority (`chrt -f
-/// 50`, when allowed), and notes how late it wakes: a thread that no other
-/// in this guest can keep from its CPU wakes late only when the whole
-/// guest stopped running (the host paused it) or the kernel held the CPU.
-/// So a stall in the run's latencies can be told apart from one of the
-/// machine. It does nothing else at that priority (200 wake-ups a second).
+/// A second thread, at normal priority, walks 4,000 links of a random
+/// cycle through 8 MiB every 100 ms (about 1 ms, 1 % of one CPU): that
+/// follows how busy the host keeps the caches and memory that its guests
+/// share, but under load also the daemon's own use of them, so its figure
+/// during a run compares only with other runs at the same rate; the idle
+/// spells before and after the run are reported beside it.
 struct SpeedProbe {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    /// The pieces and the walks.
-    pieces: std::thread::JoinHandle<(Timed, Timed)>,
-    /// Late wake-ups, and whether the thread got its real-time priority.
-    watch: std::thread::JoinHandle<(Timed, bool)>,
+    /// The memory walks.
+    walker: std::thread::JoinHandle<Timed>,
+    /// The pieces, the late wake-ups, and whether the thread got its
+    /// real-time priority.
+    watch: std::thread::JoinHandle<(Timed, Timed, bool)>,
 }
 
 /// Readings, each with when it was taken.
@@ -708,39 +714,35 @@ impl SpeedProbe {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
         let halt = stop.clone();
-        let pieces = std::thread::spawn(move || {
-            let cpu_ns = || {
-                let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-                t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
-            };
+        let cpu_ns = || {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+            t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
+        };
+        // The memory walk, at normal priority: about 1 ms every 100 ms.
+        let walker = std::thread::spawn(move || {
             // One random cycle through 8 MiB (Sattolo's shuffle).
             let mut ring: Vec<u32> = (0..(2u32 << 20)).collect();
             for i in (1..ring.len()).rev() {
                 ring.swap(i, fastrand::usize(..i));
             }
-            let (mut link, mut done, mut walks) = (0u32, Vec::new(), Vec::new());
+            let (mut link, mut walks) = (0u32, Vec::new());
             let mut next = Instant::now();
             while !halt.load(Ordering::Relaxed) {
-                let before = cpu_ns();
-                let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15u64);
-                for _ in 0..20_000 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                }
-                std::hint::black_box(x);
-                done.push((Instant::now(), cpu_ns() - before));
                 let before = cpu_ns();
                 for _ in 0..4_000 {
                     link = ring[link as usize];
                 }
                 std::hint::black_box(link);
                 walks.push((Instant::now(), (cpu_ns() - before) / 4e3));
-                next += Duration::from_millis(100);
+                // Behind (a stall, or no CPU for a while): no catch-up
+                // walks back to back, the next one 100 ms from now.
+                next = (next + Duration::from_millis(100)).max(Instant::now());
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
-            (done, walks)
+            walks
         });
+        // The arithmetic piece and the stall watch, at real-time priority:
+        // never preempted, so the piece's CPU time holds no switch.
         let halt = stop.clone();
         let watch = std::thread::spawn(move || {
             let tid = rustix::thread::gettid().as_raw_nonzero().get().to_string();
@@ -749,9 +751,22 @@ impl SpeedProbe {
                 .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-            let mut late = Vec::new();
+            let (mut late, mut pieces) = (Vec::new(), Vec::new());
             let mut next = Instant::now();
+            let mut tick = 0u64;
             while !halt.load(Ordering::Relaxed) {
+                if tick.is_multiple_of(20) {
+                    let before = cpu_ns();
+                    let mut x = std::hint::black_box(0x9e37_79b9_7f4a_7c15u64);
+                    for _ in 0..20_000 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                    }
+                    std::hint::black_box(x);
+                    pieces.push((Instant::now(), cpu_ns() - before));
+                }
+                tick += 1;
                 next += Duration::from_millis(5);
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 let now = Instant::now();
@@ -761,11 +776,11 @@ impl SpeedProbe {
                     next = now;
                 }
             }
-            (late, realtime)
+            (pieces, late, realtime)
         });
         SpeedProbe {
             stop,
-            pieces,
+            walker,
             watch,
         }
     }
@@ -774,8 +789,8 @@ impl SpeedProbe {
     /// real-time priority.
     fn finish(self) -> (Probed, bool) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (pieces, walks) = self.pieces.join().expect("speed probe");
-        let (late, realtime) = self.watch.join().expect("stall watch");
+        let walks = self.walker.join().expect("memory walk");
+        let (pieces, late, realtime) = self.watch.join().expect("speed probe");
         (
             Probed {
                 pieces,
@@ -790,8 +805,9 @@ impl SpeedProbe {
 /// What the probe saw in one second of the run.
 #[derive(Clone, Copy, Default)]
 struct Machine {
-    /// The probe's speed: the median piece's share of the fastest.
-    speed: f64,
+    /// The probe's speed: the median piece's share of the fastest (None in
+    /// a second without a piece, e.g. when the guest was paused).
+    speed: Option<f64>,
     /// The longest the probe woke late (ms; 0 when never over 2 ms).
     late_ms: f64,
 }
@@ -813,7 +829,7 @@ fn machine_by_second(p: &Probed, start: Instant) -> std::collections::BTreeMap<u
             (
                 s,
                 Machine {
-                    speed,
+                    speed: Some(speed),
                     late_ms: 0.0,
                 },
             )
@@ -1022,11 +1038,14 @@ fn main() {
             .map(|(us, ns)| format!("piece {us:.1} µs, memory {ns:.0} ns per link"))
             .unwrap_or_else(|| "no readings".into())
     };
+    // The idle spells: the 2 s before the load generator set up, and the
+    // 2 s after the run less its first half second (the daemon's last
+    // answers and checkpoints).
     let end = o.start + Duration::from_secs_f64(o.secs);
     println!(
-        "speed probe, daemon idle: before the run {}; after it {}; during the run (the daemon's own load on the caches included, the same in every run at one rate) {}; real-time priority: {}",
-        idle(probe_start, o.start),
-        idle(end, Instant::now()),
+        "speed probe: daemon idle before the run {}; idle after it {}; during the run {} (the memory walk then includes the daemon's own load on the caches: compare it only with runs at the same rate); real-time priority for the piece and the stall watch: {}",
+        idle(probe_start, probe_start + Duration::from_secs(2)),
+        idle(end + Duration::from_millis(500), Instant::now()),
         idle(o.start, end),
         if realtime {
             "yes"
