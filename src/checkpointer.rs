@@ -108,7 +108,8 @@ pub struct Checkpointer {
     generation: u64,
     /// Frames after the writer's last commit.
     frames: i64,
-    /// RESTART checkpoints the writer ran (for tests).
+    /// RESTART checkpoints the writer ran (tests only).
+    #[cfg(test)]
     restarts: u64,
 }
 
@@ -187,6 +188,7 @@ impl Checkpointer {
             // the first generation is 1.
             generation: 1,
             frames: 0,
+            #[cfg(test)]
             restarts: 0,
         })
     }
@@ -245,7 +247,10 @@ impl Checkpointer {
             writer.busy_timeout(crate::db::BUSY_TIMEOUT)?;
             Ok(blocked? != 0)
         })();
-        self.restarts += 1;
+        #[cfg(test)]
+        {
+            self.restarts += 1;
+        }
         match result {
             Ok(false) => {
                 self.restart_at = self.start_at.saturating_mul(4);

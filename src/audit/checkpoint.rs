@@ -121,25 +121,33 @@ pub fn sign(
     Ok(c)
 }
 
+/// The columns [`all_where`] reads, as a literal for `concat!` (whole
+/// SQL literals, so each statement is prepared once per connection).
+macro_rules! select_checkpoints {
+    () => {
+        "SELECT size, root, time, key_id, sig FROM checkpoints"
+    };
+}
+
 /// The newest checkpoint, if any.
 pub fn latest(conn: &Connection) -> Result<Option<Checkpoint>> {
     // On every audit batch (`maybe_sign`): a cached statement, not a parse.
-    Ok(all_where(conn, "ORDER BY size DESC LIMIT 1", [])?.pop())
+    Ok(all_where(
+        conn,
+        concat!(select_checkpoints!(), " ORDER BY size DESC LIMIT 1"),
+        [],
+    )?
+    .pop())
 }
 
 /// Every checkpoint, oldest first.
 pub fn all(conn: &Connection) -> Result<Vec<Checkpoint>> {
-    all_where(conn, "ORDER BY size", [])
+    all_where(conn, concat!(select_checkpoints!(), " ORDER BY size"), [])
 }
 
-fn all_where(
-    conn: &Connection,
-    tail: &str,
-    args: impl rusqlite::Params,
-) -> Result<Vec<Checkpoint>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT size, root, time, key_id, sig FROM checkpoints {tail}"
-    ))?;
+/// The checkpoints `sql` (`select_checkpoints!()` with its tail) selects.
+fn all_where(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> Result<Vec<Checkpoint>> {
+    let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map(args, |r| {
         Ok(Checkpoint {
             size: r.get(0)?,
@@ -154,7 +162,12 @@ fn all_where(
 
 /// The checkpoint at exactly `size`, if one was signed.
 pub fn at(conn: &Connection, size: i64) -> Result<Option<Checkpoint>> {
-    Ok(all_where(conn, "WHERE size = ?1", [size])?.pop())
+    Ok(all_where(
+        conn,
+        concat!(select_checkpoints!(), " WHERE size = ?1"),
+        [size],
+    )?
+    .pop())
 }
 
 /// Keeps `c` as an anchor in `state.db` (`source`: `upstream` when upstream
