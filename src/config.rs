@@ -220,7 +220,7 @@ pub struct RawLimits {
     pub api_workers: Option<usize>,
     /// Memory idle plugin instances may hold, box-wide, MiB (default 512).
     pub idle_instances_mib: Option<u32>,
-    /// A writer's wait for more requests to share a commit, µs (default 1,000).
+    /// A writer's wait for more requests to share a commit, µs (default 500).
     pub group_commit_wait_us: Option<u64>,
 }
 
@@ -304,30 +304,36 @@ impl Config {
 
     /// The settings read at start only that differ in `new`, named as in
     /// the file (`limits.api_workers`, `api.listen`, …): what a reload to
-    /// `new` leaves waiting for the next restart. Empty when none. The
-    /// `[limits]` keys are named when the limits in force would change, as
-    /// the keys whose written values differ (sorted), so a default only
-    /// written out, or removed, changes nothing.
+    /// `new` leaves waiting for the next restart. Empty when none. A
+    /// `[limits]` key is named (sorted) when its change changes what is in
+    /// force, so a default only written out, or removed, is not, even
+    /// beside a key that did change.
     pub fn restart_needed(&self, new: &Config) -> Vec<String> {
         let keys = |l: &RawLimits| match serde_json::to_value(l) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
         };
-        let mut changed: Vec<String> = Vec::new();
-        // The audit budget lives in the limits too; it is named below.
-        let budget_only = Limits {
-            audit_budget_bytes: new.limits.audit_budget_bytes,
-            ..self.limits.clone()
-        } == new.limits;
-        if !budget_only {
-            let (old_keys, new_keys) = (keys(&self.limits_set), keys(&new.limits_set));
-            changed = old_keys
-                .iter()
-                .filter(|(k, v)| new_keys.get(*k) != Some(*v))
-                .map(|(k, _)| format!("limits.{k}"))
-                .collect();
-            changed.sort();
-        }
+        let (old_keys, new_keys) = (keys(&self.limits_set), keys(&new.limits_set));
+        // What one written key (absent: its default) puts in force; None if
+        // it cannot be read alone, and then a change of it is named.
+        let in_force = |k: &str, v: Option<&serde_json::Value>| -> Option<Limits> {
+            let one = serde_json::Map::from_iter(v.map(|v| (k.to_owned(), v.clone())));
+            let raw: RawLimits = serde_json::from_value(serde_json::Value::Object(one)).ok()?;
+            limits_of(&raw, "(reload)").ok()
+        };
+        let all: std::collections::BTreeSet<&String> =
+            old_keys.keys().chain(new_keys.keys()).collect();
+        let mut changed: Vec<String> = all
+            .into_iter()
+            .filter(|k| {
+                let (was, is) = (old_keys.get(*k), new_keys.get(*k));
+                was != is && {
+                    let (a, b) = (in_force(k, was), in_force(k, is));
+                    a.is_none() || a != b
+                }
+            })
+            .map(|k| format!("limits.{k}"))
+            .collect();
         let (a, b) = (&self.daemon, &new.daemon);
         let cert = |d: &Daemon| d.tls.as_ref().map(|t| t.0.clone());
         let key = |d: &Daemon| d.tls.as_ref().map(|t| t.1.clone());
@@ -397,70 +403,8 @@ impl Config {
                 ));
             }
         };
-        let mut limits = Limits::default();
         let limits_set = raw.limits.clone().unwrap_or_default();
-        if let Some(l) = raw.limits {
-            const MIB: u64 = 1024 * 1024;
-            let bounded = |v: u64, lo: u64, hi: u64, f: &'static str| {
-                if (lo..=hi).contains(&v) {
-                    Ok(v)
-                } else {
-                    Err(field(f, format!("{v} is outside {lo}..={hi}")))
-                }
-            };
-            // The bundle caps may only be lowered, never raised.
-            let ceiling = Limits::default();
-            if let Some(v) = l.max_bundle_mib {
-                let max = Limits::CEILING_BUNDLE_BYTES / MIB;
-                limits.max_bundle_bytes = bounded(v, 1, max, "limits.max_bundle_mib")? * MIB;
-            }
-            if let Some(v) = l.max_wasm_mib {
-                let max = Limits::CEILING_WASM_BYTES / MIB;
-                limits.max_wasm_bytes = bounded(v, 1, max, "limits.max_wasm_mib")? * MIB;
-            }
-            if let Some(v) = l.max_plugin_memory_mib {
-                let max = u64::from(ceiling.max_plugin_memory_mib);
-                limits.max_plugin_memory_mib =
-                    bounded(u64::from(v), 1, max, "limits.max_plugin_memory_mib")? as u32;
-            }
-            if let Some(v) = l.max_plugin_timeout_ms {
-                let max = u64::from(ceiling.max_plugin_timeout_ms);
-                limits.max_plugin_timeout_ms =
-                    bounded(u64::from(v), 1, max, "limits.max_plugin_timeout_ms")? as u32;
-            }
-            if let Some(v) = l.min_plugin_timeout_ms {
-                let max = u64::from(limits.max_plugin_timeout_ms);
-                limits.min_plugin_timeout_ms =
-                    bounded(u64::from(v), 0, max, "limits.min_plugin_timeout_ms")? as u32;
-            }
-            if let Some(v) = l.max_request_body_kib {
-                limits.max_request_body_bytes =
-                    bounded(v, 1, 64 * 1024, "limits.max_request_body_kib")? as usize * 1024;
-            }
-            if let Some(v) = l.request_head_timeout_ms {
-                limits.request_head_timeout_ms =
-                    bounded(v, 100, 600_000, "limits.request_head_timeout_ms")?;
-            }
-            if let Some(v) = l.request_body_timeout_ms {
-                limits.request_body_timeout_ms =
-                    bounded(v, 100, 600_000, "limits.request_body_timeout_ms")?;
-            }
-            if let Some(v) = l.group_commit_wait_us {
-                limits.group_commit_wait_us =
-                    bounded(v, 0, 100_000, "limits.group_commit_wait_us")?;
-            }
-            if let Some(v) = l.idle_instances_mib {
-                limits.idle_instances_mib =
-                    bounded(v as u64, 0, 65_536, "limits.idle_instances_mib")? as u32;
-            }
-            if let Some(v) = l.api_workers {
-                limits.api_workers = bounded(v as u64, 1, 1024, "limits.api_workers")? as usize;
-            }
-            if let Some(v) = l.max_inflight_requests {
-                limits.max_inflight_requests =
-                    bounded(v as u64, 1, 100_000, "limits.max_inflight_requests")? as usize;
-            }
-        }
+        let mut limits = limits_of(&limits_set, &path)?;
         let upstream = match raw.upstream {
             None => None,
             Some(u) => Some(upstream(u, &mut limits).map_err(|(f, r)| field(f, r))?),
@@ -697,6 +641,78 @@ fn upstream(u: RawUpstream, limits: &mut Limits) -> Result<Upstream, (&'static s
     })
 }
 
+/// The limits in force under a `[limits]` section as written (`path`
+/// names the file in errors): the defaults, with each written key checked
+/// against its bounds and applied.
+fn limits_of(l: &RawLimits, path: &str) -> Result<Limits, ConfigError> {
+    let field = |field: &'static str, reason: String| ConfigError::Field {
+        path: path.to_owned(),
+        field,
+        reason,
+    };
+    let mut limits = Limits::default();
+    const MIB: u64 = 1024 * 1024;
+    let bounded = |v: u64, lo: u64, hi: u64, f: &'static str| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(field(f, format!("{v} is outside {lo}..={hi}")))
+        }
+    };
+    // The bundle caps may only be lowered, never raised.
+    let ceiling = Limits::default();
+    if let Some(v) = l.max_bundle_mib {
+        let max = Limits::CEILING_BUNDLE_BYTES / MIB;
+        limits.max_bundle_bytes = bounded(v, 1, max, "limits.max_bundle_mib")? * MIB;
+    }
+    if let Some(v) = l.max_wasm_mib {
+        let max = Limits::CEILING_WASM_BYTES / MIB;
+        limits.max_wasm_bytes = bounded(v, 1, max, "limits.max_wasm_mib")? * MIB;
+    }
+    if let Some(v) = l.max_plugin_memory_mib {
+        let max = u64::from(ceiling.max_plugin_memory_mib);
+        limits.max_plugin_memory_mib =
+            bounded(u64::from(v), 1, max, "limits.max_plugin_memory_mib")? as u32;
+    }
+    if let Some(v) = l.max_plugin_timeout_ms {
+        let max = u64::from(ceiling.max_plugin_timeout_ms);
+        limits.max_plugin_timeout_ms =
+            bounded(u64::from(v), 1, max, "limits.max_plugin_timeout_ms")? as u32;
+    }
+    if let Some(v) = l.min_plugin_timeout_ms {
+        let max = u64::from(limits.max_plugin_timeout_ms);
+        limits.min_plugin_timeout_ms =
+            bounded(u64::from(v), 0, max, "limits.min_plugin_timeout_ms")? as u32;
+    }
+    if let Some(v) = l.max_request_body_kib {
+        limits.max_request_body_bytes =
+            bounded(v, 1, 64 * 1024, "limits.max_request_body_kib")? as usize * 1024;
+    }
+    if let Some(v) = l.request_head_timeout_ms {
+        limits.request_head_timeout_ms =
+            bounded(v, 100, 600_000, "limits.request_head_timeout_ms")?;
+    }
+    if let Some(v) = l.request_body_timeout_ms {
+        limits.request_body_timeout_ms =
+            bounded(v, 100, 600_000, "limits.request_body_timeout_ms")?;
+    }
+    if let Some(v) = l.group_commit_wait_us {
+        limits.group_commit_wait_us = bounded(v, 0, 100_000, "limits.group_commit_wait_us")?;
+    }
+    if let Some(v) = l.idle_instances_mib {
+        limits.idle_instances_mib =
+            bounded(v as u64, 0, 65_536, "limits.idle_instances_mib")? as u32;
+    }
+    if let Some(v) = l.api_workers {
+        limits.api_workers = bounded(v as u64, 1, 1024, "limits.api_workers")? as usize;
+    }
+    if let Some(v) = l.max_inflight_requests {
+        limits.max_inflight_requests =
+            bounded(v as u64, 1, 100_000, "limits.max_inflight_requests")? as usize;
+    }
+    Ok(limits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -728,6 +744,24 @@ mod tests {
                 .unwrap();
         assert_eq!(old.restart_needed(&spelled), Vec::<String>::new());
         assert_eq!(spelled.restart_needed(&old), Vec::<String>::new());
+        // Beside a change in force, a spelled-out default is still not one.
+        let mixed =
+            parse("[limits]\napi_workers = 6\nmax_bundle_mib = 8\nidle_instances_mib = 512\n")
+                .unwrap();
+        assert_eq!(old.restart_needed(&mixed), ["limits.api_workers"]);
+        // The audit budget lives among the limits in force, but is named
+        // as written, and alone.
+        let with_budget = |kib: u32| {
+            parse(&format!(
+                "[limits]\napi_workers = 8\nmax_bundle_mib = 8\n\
+                 [upstream]\nurl = \"https://fhir.example.org/r4\"\naudit_budget_kib = {kib}\n"
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            with_budget(2048).restart_needed(&with_budget(4096)),
+            ["upstream.audit_budget_kib"]
+        );
         let new = parse(
             "log_level = \"debug\"\n[limits]\napi_workers = 4\n\
              [api]\nlisten = \"0.0.0.0:8787\"\n[daemon]\npipeline_priority_boost = 5\n",
