@@ -314,12 +314,15 @@ impl Config {
             _ => serde_json::Map::new(),
         };
         let (old_keys, new_keys) = (keys(&self.limits_set), keys(&new.limits_set));
-        // What one written key (absent: its default) puts in force; None if
-        // it cannot be read alone, and then a change of it is named.
+        // What one written key (null or absent: its default) puts in force
+        // on this machine; None if it cannot be read alone, and then a
+        // change of it is named.
         let in_force = |k: &str, v: Option<&serde_json::Value>| -> Option<Limits> {
             let one = serde_json::Map::from_iter(v.map(|v| (k.to_owned(), v.clone())));
             let raw: RawLimits = serde_json::from_value(serde_json::Value::Object(one)).ok()?;
-            limits_of(&raw, "(reload)").ok()
+            let mut limits = limits_of(&raw, "(reload)").ok()?;
+            limits.api_workers = limits.api_workers_in_force();
+            Some(limits)
         };
         let all: std::collections::BTreeSet<&String> =
             old_keys.keys().chain(new_keys.keys()).collect();
@@ -643,7 +646,8 @@ fn upstream(u: RawUpstream, limits: &mut Limits) -> Result<Upstream, (&'static s
 
 /// The limits in force under a `[limits]` section as written (`path`
 /// names the file in errors): the defaults, with each written key checked
-/// against its bounds and applied.
+/// against its bounds and applied. Not the audit budget, which
+/// `[upstream]` sets.
 fn limits_of(l: &RawLimits, path: &str) -> Result<Limits, ConfigError> {
     let field = |field: &'static str, reason: String| ConfigError::Field {
         path: path.to_owned(),
@@ -758,10 +762,21 @@ mod tests {
             ))
             .unwrap()
         };
+        let mut spelled_budget = with_budget(4096);
+        spelled_budget.limits_set.idle_instances_mib = Some(512);
         assert_eq!(
-            with_budget(2048).restart_needed(&with_budget(4096)),
+            with_budget(2048).restart_needed(&spelled_budget),
             ["upstream.audit_budget_kib"]
         );
+        // The default worker count, written out as this machine's number.
+        let workers = Limits::default().api_workers_in_force();
+        let written = parse(&format!(
+            "[limits]\napi_workers = {workers}\nmax_bundle_mib = 8\n"
+        ))
+        .unwrap();
+        let unset = parse("[limits]\nmax_bundle_mib = 8\n").unwrap();
+        assert_eq!(unset.restart_needed(&written), Vec::<String>::new());
+        assert_eq!(old.restart_needed(&unset), ["limits.api_workers"]);
         let new = parse(
             "log_level = \"debug\"\n[limits]\napi_workers = 4\n\
              [api]\nlisten = \"0.0.0.0:8787\"\n[daemon]\npipeline_priority_boost = 5\n",

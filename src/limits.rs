@@ -161,6 +161,15 @@ impl Limits {
     pub const CEILING_BUNDLE_BYTES: u64 = 256 * 1024 * 1024;
     /// Hard ceiling for `max_wasm_bytes`; config cannot raise it.
     pub const CEILING_WASM_BYTES: u64 = 200 * 1024 * 1024;
+
+    /// The API worker threads these limits start: `api_workers`, or for 0
+    /// sixteen per CPU core of this machine.
+    pub fn api_workers_in_force(&self) -> usize {
+        match self.api_workers {
+            0 => 16 * std::thread::available_parallelism().map_or(2, usize::from),
+            n => n,
+        }
+    }
 }
 
 impl Default for Limits {

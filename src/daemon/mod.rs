@@ -148,10 +148,7 @@ pub fn run(
             Err(e) => log::warn!("not loaded: {name}: {e}"),
         }
     }
-    let limits_workers = match config.limits.api_workers {
-        0 => 16 * std::thread::available_parallelism().map_or(2, usize::from),
-        n => n,
-    };
+    let limits_workers = config.limits.api_workers_in_force();
     let fhir_writer = crate::fhir::writer::Writer::open(&dir, &config.limits)?;
     let warm_dir = dir.clone();
     let workers = workers::Workers::start(limits_workers, move || {
