@@ -159,6 +159,15 @@ pub fn panicpoint(name: &str) {
     }
 }
 
+/// Error-injection hook for the fault tests: true when the variable equals
+/// `error:` + `name`, and the caller then fails the named operation as a
+/// broken disk would (e.g. `audit.append`: every audit append fails). It
+/// can only make an operation fail, never succeed or skip a check, so it
+/// is safe to ship.
+pub fn errpoint(name: &str) -> bool {
+    armed_failpoint().and_then(|v| v.strip_prefix("error:")) == Some(name)
+}
+
 /// Like [`failpoint`], but waits [`DELAYPOINT_WAIT`] when the variable
 /// equals `delay:` + `name`: for tests of a slow host (a stalled disk
 /// behind a host function) without loading the machine.

@@ -433,6 +433,89 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
     b.ok(&["audit", "verify"]);
 }
 
+/// The audit log refusing every append (a broken audit disk, by the
+/// `error:audit.append` fail-point): device ingest answers 503 with
+/// Retry-After and withholds the plugin's output, the reading is stored
+/// once, and the device's retry, once the log works again, is answered
+/// with its score and recorded. Nothing is lost, nothing stored twice.
+#[test]
+fn an_ingest_the_audit_log_cannot_record_is_refused_and_its_retry_recorded() {
+    let b = news2_box(3, true);
+    let device = token(&b, "monitor-9", "device", "clinic-a", &[]);
+    let reading = Reading {
+        rr: 24.0,
+        ..Reading::NORMAL
+    };
+    let doc = vitals("p0001", "2030-02-01T00:00:00Z", &reading);
+    let mut one = doc["entry"][0]["resource"].clone();
+    one["id"] = json!("rr-audit-down");
+    let before = b.json(&["fhir", "stats"]);
+
+    let d = Daemon::start(
+        &b,
+        TEST_CONFIG,
+        &[("CLINICBOX_FAILPOINT", "error:audit.append")],
+    );
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        one.to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 503, "{}", a.text());
+    assert!(a.header("retry-after").is_some(), "{:?}", a.headers);
+    assert!(a.text().contains("could not be recorded"), "{}", a.text());
+    assert!(
+        !a.text().contains("RiskAssessment"),
+        "an unrecorded call's output left the box: {}",
+        a.text()
+    );
+    assert_eq!(d.get("/healthz", None, &[]).status, 200);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("cannot append to the audit log"), "{log}");
+    let stored = b.json(&["fhir", "stats"]);
+    assert_ne!(stored, before, "the reading was stored before the refusal");
+
+    // The log works again; the device retries the same reading.
+    let d = Daemon::start(&b, TEST_CONFIG, &[]);
+    let a = d.post(
+        "/fhir/Observation",
+        Some(&device),
+        one.to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    assert_eq!(a.json()["unchanged"], json!(["Observation/rr-audit-down"]));
+    assert_eq!(a.json()["stored"], json!([]), "{}", a.text());
+    assert_eq!(
+        a.json()["triggered"][0]["output"]["resourceType"],
+        "RiskAssessment",
+        "{}",
+        a.text()
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(b.json(&["fhir", "stats"]), stored, "stored twice");
+    let ingests: Vec<Value> = records(&b, "fhir.ingest")
+        .into_iter()
+        .filter(|r| r["unchanged"] == json!(["Observation/rr-audit-down"]))
+        .collect();
+    assert_eq!(ingests.len(), 1, "{ingests:?}");
+    assert_eq!(ingests[0]["patients"], json!([]), "{:?}", ingests[0]);
+    let calls = records(&b, "plugin.call");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c["patient"] == "p0001" && c["outcome"] == "ok"),
+        "{calls:?}"
+    );
+    let out = b.run(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn inbox_installs_dropped_bundles_and_moves_refused_ones_aside() {
     let b = common::TestBox::new();

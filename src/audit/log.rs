@@ -418,7 +418,12 @@ fn writer(
         let batch = crate::group::gather(&rx, first, wait, 10_000);
         let (entries, replies): (Vec<Entry>, Vec<_>) = batch.into_iter().unzip();
         let signer = key.as_ref().map(|key| Signer { key, policy });
-        match append_batch(&conn, signer.as_ref(), &entries) {
+        let appended = if crate::fsutil::errpoint("audit.append") {
+            Err(anyhow::anyhow!("fail-point error:audit.append"))
+        } else {
+            append_batch(&conn, signer.as_ref(), &entries)
+        };
+        match appended {
             Ok(receipts) => {
                 for (reply, r) in replies.into_iter().zip(receipts) {
                     let _ = reply.send(Ok(r));
