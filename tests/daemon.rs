@@ -500,7 +500,8 @@ fn an_ingest_the_audit_log_cannot_record_is_refused_and_its_retry_recorded() {
         .filter(|r| r["unchanged"] == json!(["Observation/rr-audit-down"]))
         .collect();
     assert_eq!(ingests.len(), 1, "{ingests:?}");
-    assert_eq!(ingests[0]["patients"], json!([]), "{:?}", ingests[0]);
+    assert_eq!(ingests[0]["patients"], json!(["p0001"]), "{:?}", ingests[0]);
+    assert_eq!(ingests[0]["resources"], json!([]), "{:?}", ingests[0]);
     let calls = records(&b, "plugin.call");
     assert!(
         calls

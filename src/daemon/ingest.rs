@@ -89,6 +89,10 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
     // stored again; it is listed as `unchanged`. A resend still triggers
     // (a device that timed out waiting for its score resends to get it);
     // an older version than the stored one does not.
+    // Every patient the request carried readings of, stored or not: an
+    // auditor looking for who sent what about a patient finds resends too.
+    let patients: std::collections::BTreeSet<String> =
+        refs.iter().map(|(_, p)| p.clone()).collect();
     let mut resources: Vec<(String, String, &Value)> = Vec::new();
     let mut unchanged: Vec<String> = Vec::new();
     let mut resent: Vec<(String, String, &Value)> = Vec::new();
@@ -118,7 +122,7 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
         "tenant": who.tenant,
         "resources": refs,
         "unchanged": unchanged,
-        "patients": resources.iter().map(|(_, p, _)| p).collect::<std::collections::BTreeSet<_>>(),
+        "patients": patients,
     });
     // Queued now, waited for before the answer: the triggered calls'
     // records share its fsync.
