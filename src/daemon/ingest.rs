@@ -85,14 +85,14 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             return Reply::error(500, "exception", &format!("cannot store: {e:#}"));
         }
     };
-    // A resource resent unchanged (or older than what is stored) is not
-    // stored again; it is listed as `unchanged`. A resend still triggers
-    // (a device that timed out waiting for its score resends to get it);
-    // an older version than the stored one does not.
     // Every patient the request carried readings of, stored or not: an
     // auditor looking for who sent what about a patient finds resends too.
     let patients: std::collections::BTreeSet<String> =
         refs.iter().map(|(_, p)| p.clone()).collect();
+    // A resource resent unchanged (or older than what is stored) is not
+    // stored again; it is listed as `unchanged`. A resend still triggers
+    // (a device that timed out waiting for its score resends to get it);
+    // an older version than the stored one does not.
     let mut resources: Vec<(String, String, &Value)> = Vec::new();
     let mut unchanged: Vec<String> = Vec::new();
     let mut resent: Vec<(String, String, &Value)> = Vec::new();
