@@ -17,6 +17,19 @@ use serde_json::{Value, json};
 
 const INVOKE: &str = "/plugins/acme/news2/news2_latest";
 
+/// A resend's answer: 201, the one reading `reference` unchanged, nothing
+/// stored, and scored again (the device may have timed out waiting).
+fn assert_scored_resend(a: &common::daemon::Answer, reference: &Value) {
+    assert_eq!(a.status, 201, "{}", a.text());
+    let v = a.json();
+    assert_eq!(v["unchanged"], json!([reference]), "{v}");
+    assert_eq!(v["stored"], json!([]), "{v}");
+    assert_eq!(
+        v["triggered"][0]["output"]["resourceType"], "RiskAssessment",
+        "the resend gets its score: {v}"
+    );
+}
+
 fn invoke_body(patient: &str) -> Vec<u8> {
     json!({"patient": patient, "purpose": "TREAT"})
         .to_string()
@@ -251,19 +264,7 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         Some(&device),
         one.to_string().as_bytes(),
     );
-    assert_eq!(
-        a.json()["unchanged"][0],
-        "Observation/rr-fixed-1",
-        "{}",
-        a.text()
-    );
-    assert_eq!(a.json()["stored"], json!([]), "{}", a.text());
-    assert_eq!(
-        a.json()["triggered"][0]["output"]["resourceType"],
-        "RiskAssessment",
-        "{}",
-        a.text()
-    );
+    assert_scored_resend(&a, &json!("Observation/rr-fixed-1"));
     // Without an id, the Bundle's first reading again is a resend (see
     // below); a later reading is new and triggers.
     one.as_object_mut().unwrap().remove("id");
@@ -298,14 +299,7 @@ fn vitals_ingest_stores_triggers_news2_and_refuses_bad_fhir_whole() {
         Some(&device),
         one.to_string().as_bytes(),
     );
-    assert_eq!(a.status, 201, "{}", a.text());
-    assert_eq!(a.json()["unchanged"], json!([id_less]), "{}", a.text());
-    assert_eq!(a.json()["stored"], json!([]), "{}", a.text());
-    assert_eq!(
-        a.json()["triggered"][0]["output"]["resourceType"],
-        "RiskAssessment",
-        "the resend gets its score"
-    );
+    assert_scored_resend(&a, &id_less);
     assert_eq!(b.json(&["fhir", "stats"]), stats, "a resend was stored");
 
     // Bad input: clear errors naming the entry and field; nothing stored.
@@ -483,15 +477,7 @@ fn an_ingest_the_audit_log_cannot_record_is_refused_and_its_retry_recorded() {
         Some(&device),
         one.to_string().as_bytes(),
     );
-    assert_eq!(a.status, 201, "{}", a.text());
-    assert_eq!(a.json()["unchanged"], json!(["Observation/rr-audit-down"]));
-    assert_eq!(a.json()["stored"], json!([]), "{}", a.text());
-    assert_eq!(
-        a.json()["triggered"][0]["output"]["resourceType"],
-        "RiskAssessment",
-        "{}",
-        a.text()
-    );
+    assert_scored_resend(&a, &json!("Observation/rr-audit-down"));
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
     assert_eq!(b.json(&["fhir", "stats"]), stored, "stored twice");
