@@ -174,6 +174,11 @@ pub fn append_batch(
     if let Some(s) = signer {
         checkpoint::maybe_sign(&tx, s, seq, &prev, now)?;
     }
+    // The fault tests' broken disk: the batch is written, then its commit
+    // fails, and the transaction rolls back.
+    if crate::fsutil::errpoint("audit.append") {
+        anyhow::bail!("cannot commit audit records: fail-point error:audit.append");
+    }
     tx.commit().context("cannot commit audit records")?;
     Ok(out)
 }
@@ -418,12 +423,7 @@ fn writer(
         let batch = crate::group::gather(&rx, first, wait, 10_000);
         let (entries, replies): (Vec<Entry>, Vec<_>) = batch.into_iter().unzip();
         let signer = key.as_ref().map(|key| Signer { key, policy });
-        let appended = if crate::fsutil::errpoint("audit.append") {
-            Err(anyhow::anyhow!("fail-point error:audit.append"))
-        } else {
-            append_batch(&conn, signer.as_ref(), &entries)
-        };
-        match appended {
+        match append_batch(&conn, signer.as_ref(), &entries) {
             Ok(receipts) => {
                 for (reply, r) in replies.into_iter().zip(receipts) {
                     let _ = reply.send(Ok(r));

@@ -85,8 +85,9 @@ pub fn ingest(app: &App, who: &Principal, segs: &[&str], body: &[u8]) -> Reply {
             return Reply::error(500, "exception", &format!("cannot store: {e:#}"));
         }
     };
-    // Every patient the request carried readings of, stored or not: an
-    // auditor looking for who sent what about a patient finds resends too.
+    // Every patient the request carried readings of, stored or not: the
+    // record of a resend (or of the retry of an ingest that could not be
+    // recorded) names its patient too.
     let patients: std::collections::BTreeSet<String> =
         refs.iter().map(|(_, p)| p.clone()).collect();
     // A resource resent unchanged (or older than what is stored) is not
