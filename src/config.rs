@@ -755,17 +755,15 @@ mod tests {
         assert_eq!(old.restart_needed(&mixed), ["limits.api_workers"]);
         // The audit budget lives among the limits in force, but is named
         // as written, and alone.
-        let with_budget = |kib: u32| {
+        let with_budget = |kib: u32, more: &str| {
             parse(&format!(
-                "[limits]\napi_workers = 8\nmax_bundle_mib = 8\n\
+                "[limits]\napi_workers = 8\nmax_bundle_mib = 8\n{more}\
                  [upstream]\nurl = \"https://fhir.example.org/r4\"\naudit_budget_kib = {kib}\n"
             ))
             .unwrap()
         };
-        let mut spelled_budget = with_budget(4096);
-        spelled_budget.limits_set.idle_instances_mib = Some(512);
         assert_eq!(
-            with_budget(2048).restart_needed(&spelled_budget),
+            with_budget(2048, "").restart_needed(&with_budget(4096, "idle_instances_mib = 512\n")),
             ["upstream.audit_budget_kib"]
         );
         // The default worker count, written out as this machine's number.

@@ -162,9 +162,8 @@ pub fn panicpoint(name: &str) {
 /// Error-injection hook for the fault tests: true when the variable equals
 /// `error:` + `name`, and the caller then fails the named operation as a
 /// broken disk would (e.g. `audit.append`: every audit append fails at
-/// its commit). It
-/// can only make an operation fail, never succeed or skip a check, so it
-/// is safe to ship.
+/// its commit). It can only make an operation fail, never succeed or skip
+/// a check, so it is safe to ship.
 pub fn errpoint(name: &str) -> bool {
     armed_failpoint().and_then(|v| v.strip_prefix("error:")) == Some(name)
 }

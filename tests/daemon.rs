@@ -458,11 +458,6 @@ fn an_ingest_the_audit_log_cannot_record_is_refused_and_its_retry_recorded() {
     assert_eq!(a.status, 503, "{}", a.text());
     assert_eq!(a.header("retry-after"), Some("30"), "{:?}", a.headers);
     assert!(a.text().contains("could not be recorded"), "{}", a.text());
-    assert!(
-        !a.text().contains("RiskAssessment"),
-        "an unrecorded call's output left the box: {}",
-        a.text()
-    );
     assert_eq!(d.get("/healthz", None, &[]).status, 200);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
